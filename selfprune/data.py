@@ -1,0 +1,188 @@
+"""Text data for calibration, fitness and perplexity: local copies first, the Hugging Face hub otherwise.
+
+The data directory is ``--data-dir`` or the ``SELFPRUNE_DATA_DIR`` environment variable. It holds the
+layout of the project's shared data (``wikitext2/wiki.test.raw``, ``ptb/ptb.valid.txt``,
+``c4/c4_validation_2k.jsonl``, ...). With no local copy the standard hub datasets are used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SelfpruneError
+
+DATA_DIR_ENV = "SELFPRUNE_DATA_DIR"
+TEXT_DATASETS = ("wikitext2", "ptb", "c4")
+SPLIT_ALIASES = {"test": "test", "valid": "validation", "validation": "validation", "val": "validation"}
+
+# Local file for (dataset, split), relative to the data directory.
+_LOCAL_FILES = {
+    ("wikitext2", "test"): "wikitext2/wiki.test.raw",
+    ("wikitext2", "validation"): "wikitext2/wiki.valid.raw",
+    ("ptb", "test"): "ptb/ptb.test.txt",
+    ("ptb", "validation"): "ptb/ptb.valid.txt",
+    ("c4", "validation"): "c4/c4_validation_2k.jsonl",
+}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local data directory, or None when neither the argument nor the environment names one."""
+    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    if not chosen:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise SelfpruneError(
+            f"data directory {path} does not exist: pass an existing --data-dir or unset {DATA_DIR_ENV}"
+        )
+    return path
+
+
+def normalize_split(split: str) -> str:
+    try:
+        return SPLIT_ALIASES[split]
+    except KeyError:
+        raise SelfpruneError(f"unknown split {split!r}: use test or validation") from None
+
+
+@dataclass
+class TextSource:
+    """A named body of text plus where it came from (recorded beside every number computed on it)."""
+
+    name: str
+    split: str
+    documents: list[str]
+    origin: str  # a local path or a hub dataset id
+
+    def joined(self) -> str:
+        """The documents as one stream, joined the way FLAP / LLM-Pruner join them for perplexity."""
+        return "\n\n".join(self.documents)
+
+
+def _wikitext_rows(raw: str) -> list[str]:
+    # The hub's wikitext-2-raw-v1 rows are the file's lines; blank lines are empty rows.
+    return [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
+
+
+def _read_local(name: str, split: str, path: Path) -> list[str]:
+    if name == "wikitext2":
+        return _wikitext_rows(path.read_text(encoding="utf-8"))
+    if name == "ptb":
+        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    if name == "c4":
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise AssertionError(name)
+
+
+def _read_hub(name: str, split: str) -> tuple[list[str], str]:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise SelfpruneError("the 'datasets' package is needed to read data from the hub: pip install datasets") from exc
+    try:
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            return list(ds["text"]), "hub:wikitext/wikitext-2-raw-v1"
+        if name == "ptb":
+            ds = datasets.load_dataset("ptb_text_only", "penn_treebank", split=split)
+            return list(ds["sentence"]), "hub:ptb_text_only/penn_treebank"
+        if name == "c4":
+            ds = datasets.load_dataset(
+                "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
+            )
+            return list(ds["text"][:2000]), "hub:allenai/c4 en validation shard 0"
+    except Exception as exc:
+        raise SelfpruneError(
+            f"no local copy of {name}/{split} and the hub could not be reached ({type(exc).__name__}): "
+            f"pass --data-dir (or set {DATA_DIR_ENV}) to a folder holding the data"
+        ) from None
+    raise AssertionError(name)
+
+
+def load_text(dataset: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> TextSource:
+    """Load a standard evaluation text (wikitext2, ptb, c4) or a local .txt / .jsonl file."""
+    split = normalize_split(split)
+    as_path = Path(dataset).expanduser()
+    if dataset not in TEXT_DATASETS:
+        if as_path.suffix in (".txt", ".raw", ".jsonl", ".json") or os.sep in dataset:
+            return load_text_file(as_path)
+        raise SelfpruneError(
+            f"unknown dataset {dataset!r}: use one of {', '.join(TEXT_DATASETS)} or a path to a .txt or .jsonl file"
+        )
+    if dataset == "c4" and split == "test":
+        raise SelfpruneError("c4 has no test split here: use --split validation")
+    local_dir = resolve_data_dir(data_dir)
+    if local_dir is not None:
+        path = local_dir / _LOCAL_FILES[(dataset, split)]
+        if not path.is_file():
+            raise SelfpruneError(f"missing data file {path}: restore it or point --data-dir at a complete data folder")
+        return TextSource(dataset, split, _read_local(dataset, split, path), str(path))
+    documents, origin = _read_hub(dataset, split)
+    return TextSource(dataset, split, documents, origin)
+
+
+def load_text_file(path: Path) -> TextSource:
+    """A user's own text: plain text (one document, or blank-line separated) or jsonl with a 'text' field."""
+    if not path.is_file():
+        raise SelfpruneError(f"data file {path} does not exist: check the path")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".json"):
+        documents = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise SelfpruneError(f"{path} line {number} is not JSON: give one JSON object with a 'text' field per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise SelfpruneError(f"{path} line {number} has no string 'text' field: add one")
+            documents.append(record["text"])
+    else:
+        documents = [text]
+    if not any(doc.strip() for doc in documents):
+        raise SelfpruneError(f"data file {path} holds no text: give a file with text in it")
+    return TextSource(path.stem, "file", documents, str(path))
+
+
+def token_windows(tokenizer, source: TextSource, seq_len: int, max_windows: int | None = None):
+    """Non-overlapping windows of ``seq_len`` tokens over the whole joined text (the standard perplexity setup)."""
+    import torch
+
+    ids = tokenizer(source.joined(), return_tensors="pt").input_ids[0]
+    count = ids.numel() // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise SelfpruneError(f"{source.name}/{source.split} has fewer than {seq_len} tokens: lower --seq-len")
+    return ids[: count * seq_len].view(count, seq_len).to(torch.long)
+
+
+def calibration_batch(tokenizer, source: TextSource, num_samples: int, seq_len: int, seed: int):
+    """Random ``seq_len``-token windows from documents long enough to hold one (Wanda / SparseGPT sampling)."""
+    import torch
+
+    rng = random.Random(seed)
+    order = list(range(len(source.documents)))
+    rng.shuffle(order)
+    samples = []
+    for index in order:
+        ids = tokenizer(source.documents[index], return_tensors="pt").input_ids[0]
+        if ids.numel() <= seq_len:
+            continue
+        start = rng.randint(0, ids.numel() - seq_len - 1)
+        samples.append(ids[start : start + seq_len])
+        if len(samples) == num_samples:
+            break
+    if len(samples) < num_samples:
+        # Short documents (PTB sentences): fall back to windows over the joined stream.
+        stream = tokenizer(source.joined(), return_tensors="pt").input_ids[0]
+        if stream.numel() <= seq_len:
+            raise SelfpruneError(f"{source.name} has fewer than {seq_len} tokens: lower --calib-seq-len")
+        while len(samples) < num_samples:
+            start = rng.randint(0, stream.numel() - seq_len - 1)
+            samples.append(stream[start : start + seq_len])
+    return torch.stack(samples).to(torch.long)

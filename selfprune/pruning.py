@@ -1,0 +1,337 @@
+"""Physical structured pruning from per-layer rates.
+
+``Pruner`` calibrates and scores the dense model once; ``build(rates)`` then slices a pruned copy from
+the cached rankings (no recalibration), sharing every untouched tensor (embeddings, norms, lm_head) with
+the dense model, so a search can build hundreds of candidates for the cost of slicing.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .accounting import GQA_POLICIES, LayerGeometry, LayerPlan, plan_layer, validate_rates
+from .adapters import ModelAdapter, get_adapter
+from .calibration import CalibrationConfig, CalibrationResult, calibrate
+from .criteria import DEFAULT_BIAS_COMPENSATION, NEEDS_CALIBRATION, check_criterion, outlier_ratio, score_layer
+from .errors import SelfpruneError
+
+#: The GQA policy that lost less perplexity on SmolLM2-135M (bench/gqa_policy.md): keep every KV head.
+DEFAULT_GQA_POLICY = "query"
+#: How a layer's rate is split between heads and MLP channels (bench/README.md compares them).
+STRUCTURES = ("mlp_first", "proportional", "standardized")
+DEFAULT_STRUCTURE = "mlp_first"
+
+
+@dataclass
+class LayerReport:
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    requested_rate: float
+    achieved_rate: float
+    kept_query_heads: list[int]
+    kept_kv_heads: list[int]
+    kept_channels: list[int]
+    o_proj_bias: bool
+    down_proj_bias: bool
+
+    def shape_spec(self) -> dict:
+        """What the modeling file needs to rebuild the layer (the rest is provenance)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("requested_rate", "achieved_rate")} | {
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads}
+
+
+@dataclass
+class PruneReport:
+    criterion: str
+    gqa_policy: str
+    structure: str
+    bias_compensation: bool
+    mlp_multiple: int
+    layers: list[LayerReport]
+    dense_layer_params: int
+    pruned_layer_params: int
+    dense_total_params: int
+    pruned_total_params: int
+    calibration: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def requested_rate(self) -> float:
+        return sum(l.requested_rate for l in self.layers) / len(self.layers)
+
+    @property
+    def achieved_rate(self) -> float:
+        return 1 - self.pruned_layer_params / self.dense_layer_params
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["requested_rate"] = self.requested_rate
+        data["achieved_rate"] = self.achieved_rate
+        return data
+
+    def summary(self) -> str:
+        return (
+            f"{self.criterion}: removed {self.achieved_rate:.4%} of decoder-layer parameters "
+            f"(requested {self.requested_rate:.4%}); parameters {self.dense_total_params:,} -> "
+            f"{self.pruned_total_params:,} ({self.pruned_total_params / self.dense_total_params:.2%} of dense)"
+        )
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    """A new module object that shares its parameters but owns its child/parameter tables."""
+    clone = copy.copy(module)
+    clone._modules = module._modules.copy()
+    clone._parameters = module._parameters.copy()
+    clone._buffers = module._buffers.copy()
+    return clone
+
+
+def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                   extra_bias: torch.Tensor | None = None) -> nn.Linear:
+    weight = linear.weight.detach()
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(weight.device))
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if bias is not None and rows is not None:
+        bias = bias.index_select(0, rows.to(bias.device))
+    if extra_bias is not None:
+        extra = extra_bias.to(device=weight.device, dtype=weight.dtype)
+        bias = extra if bias is None else bias + extra
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+    return new
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"selfprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+class Pruner:
+    """Calibrate and score a dense model once; build pruned models for any per-layer rates."""
+
+    def __init__(self, model, tokenizer=None, criterion: str = "flap",
+                 calibration: CalibrationConfig | CalibrationResult | None = None,
+                 gqa_policy: str = DEFAULT_GQA_POLICY, mlp_multiple: int = 1,
+                 bias_compensation: bool | None = None, progress: bool = True, structure: str = DEFAULT_STRUCTURE):
+        self.model = model
+        if structure not in STRUCTURES:
+            raise SelfpruneError(f"unknown structure {structure!r}: use one of {', '.join(STRUCTURES)}")
+        self.structure = structure
+        self.adapter: ModelAdapter = get_adapter(model)
+        self.criterion = check_criterion(criterion)
+        if gqa_policy not in GQA_POLICIES:
+            raise SelfpruneError(f"unknown GQA policy {gqa_policy!r}: use one of {', '.join(GQA_POLICIES)}")
+        if mlp_multiple < 1 or mlp_multiple > self.adapter.intermediate_size:
+            raise SelfpruneError(f"--mlp-multiple {mlp_multiple} must be between 1 and the MLP width {self.adapter.intermediate_size}")
+        self.gqa_policy = gqa_policy
+        self.mlp_multiple = mlp_multiple
+        self.bias_compensation = DEFAULT_BIAS_COMPENSATION[criterion] if bias_compensation is None else bias_compensation
+        self.progress = progress
+        self.tokenizer = tokenizer
+        self.calibration: CalibrationResult | None = None
+        if isinstance(calibration, CalibrationResult):
+            self.calibration = calibration
+        elif NEEDS_CALIBRATION[criterion] or self.bias_compensation:
+            if tokenizer is None:
+                raise SelfpruneError(f"criterion {criterion} needs calibration data: pass the tokenizer")
+            self.calibration = calibrate(model, tokenizer, self.adapter, calibration or CalibrationConfig(), progress)
+        self.geometries = [self._geometry(layer) for layer in self.adapter.layers()]
+        stats = self.calibration.layers if self.calibration else [None] * self.num_layers
+        self.scores = [score_layer(criterion, self.adapter, layer, s) for layer, s in zip(self.adapter.layers(), stats)]
+
+    # -- sizes ------------------------------------------------------------------------------------
+    def _geometry(self, layer) -> LayerGeometry:
+        a = self.adapter
+        attn, mlp = a.attention_linears(layer), a.mlp_linears(layer)
+        n_q, n_kv, width = a.layer_shape(layer)
+        if (n_q, n_kv, width) != (a.num_heads, a.num_kv_heads, a.intermediate_size):
+            raise SelfpruneError("the model is already pruned: prune the dense model instead")
+        return LayerGeometry(a.hidden_size, a.head_dim, n_q, n_kv, width, attn.q.bias is not None,
+                             attn.o.bias is not None, mlp.gate.bias is not None)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    @property
+    def layer_params(self) -> list[int]:
+        return [g.dense_params for g in self.geometries]
+
+    def plan(self, rates) -> list[LayerPlan]:
+        rates = validate_rates(rates, self.num_layers)
+        return [plan_layer(g, r, self.gqa_policy, self.mlp_multiple, self._attention_share(i, r))
+                for i, (g, r) in enumerate(zip(self.geometries, rates))]
+
+    def _attention_share(self, layer_index: int, rate: float) -> float | None:
+        """Fraction of query heads the layer should lose, by ``structure``.
+
+        ``mlp_first``: none, unless the MLP alone cannot reach the rate (the exact planner then adds heads);
+        ``proportional``: the rate itself; ``standardized``: FLAP's adaptive structure, where head and channel
+        scores are standardized within their module, pooled, and removed from the lowest up (each weighted by
+        its parameter count) until the rate is reached.
+        """
+        if self.structure == "mlp_first":
+            return 0.0
+        if self.structure == "proportional" or rate == 0:
+            return None
+        geom, scores = self.geometries[layer_index], self.scores[layer_index]
+        z_heads, z_channels = _standardize(scores.heads), _standardize(scores.channels)
+        head_cost = geom.dense_params - geom.params(geom.num_heads - 1, geom.num_kv_heads, geom.intermediate)
+        z = torch.cat([z_heads, z_channels])
+        cost = torch.cat([torch.full_like(z_heads, head_cost), torch.full_like(z_channels, geom.channel_params())])
+        order = torch.argsort(z)
+        reached = torch.cumsum(cost[order], 0) >= rate * geom.dense_params
+        cut = int(reached.nonzero()[0]) + 1 if reached.any() else len(order)
+        return int((order[:cut] < len(z_heads)).sum()) / geom.num_heads
+
+    def achieved(self, rates) -> list[float]:
+        """Fractions actually removed per layer once rates become whole heads and channels."""
+        return [p.achieved for p in self.plan(rates)]
+
+    def outlier_ratios(self, m: float = 5.0) -> list[float]:
+        if self.calibration is None:
+            raise SelfpruneError("outlier ratios need calibration statistics: use a calibrated criterion (flap, wanda_sp)")
+        return [outlier_ratio(self.adapter, layer, s, m) for layer, s in zip(self.adapter.layers(), self.calibration.layers)]
+
+    # -- selection --------------------------------------------------------------------------------
+    def kept_units(self, layer_index: int, plan: LayerPlan) -> tuple[list[int], list[int], list[int]]:
+        """Indices of the query heads, KV heads and MLP channels that survive (highest scores kept)."""
+        geom, scores = self.geometries[layer_index], self.scores[layer_index]
+        g = geom.group_size
+        head_scores = scores.heads.view(geom.num_kv_heads, g)
+        if plan.num_kv_heads < geom.num_kv_heads:   # whole groups go, with their query heads
+            group_scores = head_scores.sum(1)
+            kept_kv = sorted(torch.argsort(group_scores, descending=True)[: plan.num_kv_heads].tolist())
+            kept_q = [kv * g + j for kv in kept_kv for j in range(g)]
+        else:                                        # the same number of query heads leaves every group
+            per_group = plan.num_heads // geom.num_kv_heads
+            kept_kv = list(range(geom.num_kv_heads))
+            kept_q = []
+            for kv in kept_kv:
+                best = torch.argsort(head_scores[kv], descending=True)[:per_group]
+                kept_q += sorted((kv * g + best).tolist())
+        kept_channels = sorted(torch.argsort(scores.channels, descending=True)[: plan.width].tolist())
+        return kept_q, kept_kv, kept_channels
+
+    def _compensation(self, stats_mean: torch.Tensor, weight: torch.Tensor, kept_cols: torch.Tensor) -> torch.Tensor:
+        """FLAP's bias: the removed input channels' mean contribution, W[:, S] @ mean(X_S)."""
+        removed = torch.ones(weight.shape[1], dtype=torch.bool)
+        removed[kept_cols] = False
+        w = weight.detach().to(torch.float64).cpu()
+        return w[:, removed] @ stats_mean[removed]
+
+    # -- building ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def build(self, rates) -> tuple[nn.Module, PruneReport]:
+        """A pruned copy of the model for ``rates`` (the dense model is left untouched)."""
+        plans = self.plan(rates)
+        a = self.adapter
+        hd = a.head_dim
+        new_layers, reports = [], []
+        for i, (layer, plan) in enumerate(zip(a.layers(), plans)):
+            kept_q, kept_kv, kept_ch = self.kept_units(i, plan)
+            q_rows, kv_rows = _head_rows(kept_q, hd), _head_rows(kept_kv, hd)
+            ch = torch.tensor(kept_ch, dtype=torch.long)
+            attn, mlp = a.attention_linears(layer), a.mlp_linears(layer)
+            o_extra = down_extra = None
+            geom = self.geometries[i]
+            if self.bias_compensation:
+                stats = self.calibration.layers[i]
+                if len(kept_q) < geom.num_heads:
+                    o_extra = self._compensation(stats.o_in.mean, attn.o.weight, q_rows)
+                if len(kept_ch) < geom.intermediate:
+                    down_extra = self._compensation(stats.down_in.mean, mlp.down.weight, ch)
+            new_layer = _shallow_clone(layer)
+            new_attn, new_mlp = _shallow_clone(a.attention(layer)), _shallow_clone(a.mlp(layer))
+            new_attn.q_proj = _sliced_linear(attn.q, rows=q_rows)
+            new_attn.k_proj = _sliced_linear(attn.k, rows=kv_rows)
+            new_attn.v_proj = _sliced_linear(attn.v, rows=kv_rows)
+            new_attn.o_proj = _sliced_linear(attn.o, cols=q_rows, extra_bias=o_extra)
+            new_attn.num_key_value_groups = len(kept_q) // len(kept_kv)
+            new_mlp.gate_proj = _sliced_linear(mlp.gate, rows=ch)
+            new_mlp.up_proj = _sliced_linear(mlp.up, rows=ch)
+            new_mlp.down_proj = _sliced_linear(mlp.down, cols=ch, extra_bias=down_extra)
+            if hasattr(new_mlp, "intermediate_size"):
+                new_mlp.intermediate_size = len(kept_ch)
+            new_layer.self_attn, new_layer.mlp = new_attn, new_mlp
+            new_layers.append(new_layer)
+            o_bias, down_bias = new_attn.o_proj.bias is not None, new_mlp.down_proj.bias is not None
+            pruned = geom.params(len(kept_q), len(kept_kv), len(kept_ch), o_bias, down_bias)
+            reports.append(LayerReport(len(kept_q), len(kept_kv), len(kept_ch), plan.requested,
+                                       1 - pruned / geom.dense_params, kept_q, kept_kv, kept_ch,
+                                       o_bias and not geom.o_bias, down_bias and not geom.mlp_bias))
+        model = self._assemble(new_layers)
+        dense_layers = sum(self.layer_params)
+        pruned_layers = sum(round(g.dense_params * (1 - r.achieved_rate)) for g, r in zip(self.geometries, reports))
+        report = PruneReport(
+            self.criterion, self.gqa_policy, self.structure, self.bias_compensation, self.mlp_multiple, reports,
+            dense_layers, pruned_layers, _count(self.model), _count(model),
+            self.calibration.config.to_dict() | {"tokens": self.calibration.tokens, "origin": self.calibration.origin}
+            if self.calibration else None,
+        )
+        model.config.selfprune = {
+            "format_version": 1,
+            "family": a.model_type,
+            "layers": [r.shape_spec() for r in reports],
+            "criterion": self.criterion,
+            "gqa_policy": self.gqa_policy,
+            "structure": self.structure,
+            "bias_compensation": self.bias_compensation,
+            "mlp_multiple": self.mlp_multiple,
+            "requested_rates": [r.requested_rate for r in reports],
+            "achieved_rates": [r.achieved_rate for r in reports],
+            "calibration": report.calibration,
+            "versions": _versions(),
+        }
+        return model, report
+
+    def _assemble(self, new_layers: list[nn.Module]) -> nn.Module:
+        model = _shallow_clone(self.model)
+        decoder = _shallow_clone(self.adapter.decoder())
+        decoder.layers = nn.ModuleList(new_layers)
+        model.model = decoder
+        model.config = copy.deepcopy(self.model.config)
+        decoder.config = model.config
+        return model
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / (x.std() + 1e-12) if x.numel() > 1 else torch.zeros_like(x)
+
+
+def _count(model: nn.Module) -> int:
+    """Parameters counted once each (tied embeddings count once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def prune(model, rates, criterion: str = "flap", tokenizer=None, calibration: CalibrationConfig | None = None,
+          gqa_policy: str = DEFAULT_GQA_POLICY, mlp_multiple: int = 1, bias_compensation: bool | None = None,
+          progress: bool = True, structure: str = DEFAULT_STRUCTURE):
+    """Prune ``model`` with one rate per decoder layer (or one float for all); returns ``(pruned, report)``."""
+    adapter = get_adapter(model)
+    if isinstance(rates, (int, float)):
+        rates = [float(rates)] * adapter.num_layers
+    pruner = Pruner(model, tokenizer, criterion, calibration, gqa_policy, mlp_multiple, bias_compensation, progress,
+                    structure)
+    return pruner.build(rates)

@@ -1,0 +1,383 @@
+"""The Self-Pruner operators carried out by an LLM: initial population, parent selection, crossover, mutation.
+
+Every reply is classified before use:
+
+* ``valid``: a list of the right length of finite numbers that already satisfies the constraint up to
+  :data:`VALID_TOLERANCE` (LLMs write 3 decimals, so their mean is rarely exact);
+* ``repaired``: usable numbers that the repair step had to move further (out of bounds, wrong mean,
+  percentages instead of fractions);
+* ``unusable``: no JSON, wrong length, non-numeric or non-finite entries.
+
+An unusable reply (or one that repeats an evaluated candidate, counted as ``duplicate``) is retried with
+the reason appended to the conversation, up to ``retries`` times; then the numeric operator
+(:mod:`.operators`) fills the slot and the fallback is counted. Every prompt and reply goes to
+``<run>/llm/calls.jsonl`` with tokens, seconds and the classification.
+
+The operator works with any object that has the ``ChatBackend`` interface (``complete(messages, ...)``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Sequence
+
+import numpy as np
+
+from ..io import append_jsonl
+from ..llm.parsing import extract_json
+from .operators import (
+    Claim,
+    Member,
+    Operator,
+    Proposal,
+    _always_new,
+    _novel,
+    crossover_uniform,
+    mutate_move,
+    tournament,
+)
+from .space import SearchSpace
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPT_VERSIONS = ("v1",)
+VALID_TOLERANCE = 1e-3
+VALID, REPAIRED, UNUSABLE, DUPLICATE = "valid", "repaired", "unusable", "duplicate"
+# Shown in the initial-population prompt: enough to steer diversity without a huge prompt.
+MAX_EXISTING_SHOWN = 12
+
+
+@dataclass
+class Classified:
+    status: str  # valid | repaired | unusable
+    rates: list[float] | None
+    reason: str
+
+
+def _find_rates(obj) -> object:
+    """The candidate inside a parsed reply: a bare list, or the ``rates`` entry (or sole list) of an object."""
+    if isinstance(obj, list):
+        return obj
+    if isinstance(obj, dict):
+        if "rates" in obj:
+            return obj["rates"]
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            return lists[0]
+    return None
+
+
+def classify_rates(text: str, space: SearchSpace, tolerance: float = VALID_TOLERANCE) -> Classified:
+    """Classify one LLM reply that should hold a rate vector (see the module docstring)."""
+    obj = extract_json(text)
+    if obj is None:
+        return Classified(UNUSABLE, None, "no JSON found in the answer")
+    values = _find_rates(obj)
+    if not isinstance(values, list):
+        return Classified(UNUSABLE, None, 'the JSON holds no list of rates (expected {"rates": [...]})')
+    if len(values) != space.num_layers:
+        return Classified(UNUSABLE, None, f"expected {space.num_layers} rates, got {len(values)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return Classified(UNUSABLE, None, "every rate must be a number")
+    x = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        return Classified(UNUSABLE, None, "every rate must be a finite number")
+    notes = []
+    if x.mean() > 1.0 and x.min() >= 0.0 and x.max() <= 100.0:  # "30" meaning 30 %, not one stray 1.2
+        x = x / 100.0
+        notes.append("percentages converted to fractions")
+    repair = space.repair(x)
+    if not notes and repair.max_abs <= tolerance:
+        return Classified(VALID, [float(v) for v in x], "")
+    notes.append(f"repair moved a rate by up to {repair.max_abs:.4f}")
+    return Classified(REPAIRED, [float(v) for v in x], "; ".join(notes))
+
+
+def classify_selection(text: str, population_ids: Sequence[int], n_pairs: int, n_mutations: int):
+    """Parse a parent-selection reply into (status, pairs, parents, reason).
+
+    Unknown ids and missing entries make the reply ``repaired`` (the runner tops it up by tournament);
+    a reply with no usable id at all is ``unusable``.
+    """
+    obj = extract_json(text)
+    if not isinstance(obj, dict):
+        return UNUSABLE, [], [], "expected a JSON object with crossover_pairs and mutation_parents"
+    known = set(int(i) for i in population_ids)
+
+    def as_id(v):
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, (int, float)) and float(v).is_integer() and int(v) in known:
+            return int(v)
+        return None
+
+    pairs, dropped = [], 0
+    for pair in obj.get("crossover_pairs") or []:
+        ids = [as_id(v) for v in pair] if isinstance(pair, list) else []
+        if len(ids) == 2 and None not in ids:
+            pairs.append(ids)
+        else:
+            dropped += 1
+    parents = []
+    for v in obj.get("mutation_parents") or []:
+        i = as_id(v)
+        if i is None:
+            dropped += 1
+        else:
+            parents.append(i)
+    pairs, parents = pairs[:n_pairs], parents[:n_mutations]
+    if not pairs and not parents:
+        return UNUSABLE, [], [], "no known candidate ids in crossover_pairs / mutation_parents"
+    if dropped or len(pairs) < n_pairs or len(parents) < n_mutations:
+        return REPAIRED, pairs, parents, f"{dropped} unknown ids dropped; short lists topped up by tournament"
+    return VALID, pairs, parents, ""
+
+
+def _fmt_rates(rates: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{r:.3f}" for r in rates) + "]"
+
+
+def _fmt_fit(value: float) -> str:
+    return "inf" if not math.isfinite(value) else f"{value:.4f}"
+
+
+def rates_schema(n: int) -> dict:
+    return {
+        "type": "object",
+        "properties": {"rates": {"type": "array", "items": {"type": "number"}, "minItems": n, "maxItems": n}},
+        "required": ["rates"],
+        "additionalProperties": False,
+    }
+
+
+def selection_schema(n_pairs: int, n_mutations: int) -> dict:
+    pair = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}
+    return {
+        "type": "object",
+        "properties": {
+            "crossover_pairs": {"type": "array", "items": pair, "minItems": n_pairs, "maxItems": n_pairs},
+            "mutation_parents": {"type": "array", "items": {"type": "integer"},
+                                 "minItems": n_mutations, "maxItems": n_mutations},
+        },
+        "required": ["crossover_pairs", "mutation_parents"],
+        "additionalProperties": False,
+    }
+
+
+class PromptSet:
+    """The versioned prompt templates (``selfprune/prompts/<version>_<name>.txt``), filled with $fields."""
+
+    NAMES = ("system", "initial", "select", "crossover", "mutate", "retry")
+
+    def __init__(self, version: str = "v1", directory: Path = PROMPTS_DIR):
+        from ..errors import SelfpruneError
+
+        self.version = version
+        self.templates = {}
+        for name in self.NAMES:
+            path = directory / f"{version}_{name}.txt"
+            if not path.is_file():
+                raise SelfpruneError(f"prompt template {path} is missing: use --prompt-version v1")
+            self.templates[name] = Template(path.read_text(encoding="utf-8"))
+
+    def render(self, name: str, **fields) -> str:
+        return self.templates[name].substitute(**fields).strip()
+
+
+class LLMOperator(Operator):
+    """Self-Pruner: the LLM creates the population, selects parents, and performs crossover and mutation."""
+
+    name = "llm"
+
+    def __init__(self, backend, space: SearchSpace, *, log_dir: str | Path | None = None, n_crossover: int = 10,
+                 n_mutation: int = 10, retries: int = 2, prompt_version: str = "v1", temperature: float = 0.7,
+                 max_tokens: int | None = None, fallback_step: float = 0.02, tournament_size: int = 3):
+        self.backend = backend
+        self.space = space
+        self.log_path = Path(log_dir) / "calls.jsonl" if log_dir is not None else None
+        self.n_crossover = n_crossover
+        self.n_mutation = n_mutation
+        self.retries = max(0, int(retries))
+        self.prompts = PromptSet(prompt_version)
+        self.temperature = temperature
+        # ~6 tokens per "0.123, " plus room for the JSON wrapper and a stray sentence.
+        self.max_tokens = max_tokens or max(256, 8 * space.num_layers + 128)
+        self.fallback_step = fallback_step
+        self.tournament_size = tournament_size
+        self._counts: dict = {}
+        self.system = self._system_text()
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def _count(self, key: str, amount=1) -> None:
+        self._counts[key] = self._counts.get(key, 0) + amount
+
+    def take_counts(self) -> dict:
+        """Counters since the last call (the runner stores them with each batch, so resume keeps them)."""
+        counts, self._counts = self._counts, {}
+        return counts
+
+    def _log(self, record: dict) -> None:
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            append_jsonl(self.log_path, record)
+
+    # -- prompts ----------------------------------------------------------------------------------------
+    def _fields(self) -> dict:
+        s = self.space
+        if s.equal_weights:
+            mean_kind = "average"
+            note = "All layers have the same size, so this is the plain average of the rates."
+        else:
+            mean_kind = "parameter-weighted average"
+            note = ("Layers differ in size, so the average is weighted by each layer's parameter count: "
+                    f"{s.layer_params}.")
+        return {
+            "num_layers": s.num_layers, "last_layer": s.num_layers - 1, "low": f"{s.lo:g}", "high": f"{s.hi:g}",
+            "target": f"{s.target:g}", "target_pct": f"{100 * s.target:g}", "mean_kind": mean_kind,
+            "weights_note": note,
+        }
+
+    def _system_text(self) -> str:
+        return self.prompts.render("system", **self._fields())
+
+    def _messages(self, name: str, **fields) -> list[dict]:
+        text = self.prompts.render(name, **self._fields(), **fields)
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": text}]
+
+    # -- one call with classification, retries and fallback ----------------------------------------------
+    def _call(self, messages, schema, rng, context: dict):
+        seed = int(rng.integers(0, 2**31 - 1))
+        result = self.backend.complete(messages, json_schema=schema, max_tokens=self.max_tokens,
+                                       temperature=self.temperature, seed=seed)
+        self._count("calls")
+        self._count("prompt_tokens", int(result.prompt_tokens or 0))
+        self._count("completion_tokens", int(result.completion_tokens or 0))
+        self._count("seconds", float(result.seconds or 0.0))
+        return result, seed
+
+    def _ask_rates(self, op: str, messages: list[dict], rng, claim: Claim, fallback, parents: list[int],
+                   iteration: int, slot: int) -> Proposal:
+        meta = {"prompt_tokens": 0, "completion_tokens": 0, "attempts": 0}
+        schema = rates_schema(self.space.num_layers)
+        for attempt in range(self.retries + 1):
+            result, seed = self._call(messages, schema, rng, {})
+            meta["attempts"] += 1
+            meta["prompt_tokens"] += int(result.prompt_tokens or 0)
+            meta["completion_tokens"] += int(result.completion_tokens or 0)
+            verdict = classify_rates(result.text, self.space)
+            status, reason = verdict.status, verdict.reason
+            if status != UNUSABLE and not claim(verdict.rates):
+                status, reason = DUPLICATE, "this candidate was already evaluated; propose a different one"
+            self._count(status)
+            self._log({
+                "iteration": iteration, "operator": op, "slot": slot, "attempt": attempt, "seed": seed,
+                "parents": parents, "messages": messages, "response": result.text, "status": status,
+                "reason": reason, "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens, "seconds": result.seconds,
+                "structured": result.structured, "model": result.model, "time": time.time(),
+            })
+            if status in (VALID, REPAIRED):
+                return Proposal(verdict.rates, f"llm:{op}", parents, {**meta, "status": status})
+            messages = messages + [
+                {"role": "assistant", "content": result.text},
+                {"role": "user", "content": self.prompts.render(
+                    "retry", reason=reason, format=f'{{"rates": [exactly {self.space.num_layers} numbers '
+                                                   f'between {self.space.lo:g} and {self.space.hi:g}]}}')},
+            ]
+        self._count("fallbacks")
+        rates = _novel(fallback, claim)
+        return Proposal(rates, f"llm:{op}:fallback", parents, {**meta, "status": "fallback"})
+
+    # -- operators --------------------------------------------------------------------------------------
+    def initial(self, n, rng, seeds, claim=_always_new, iteration=0):
+        proposals = list(seeds)
+        for s in seeds:
+            claim(s.rates)
+        count = max(0, n - len(seeds))
+        for k in range(count):
+            shown = proposals[-MAX_EXISTING_SHOWN:]
+            existing = "\n".join(_fmt_rates(self.space.repair(p.rates).rates) for p in shown) or "(none yet)"
+            messages = self._messages("initial", index=k + 1, count=count, existing=existing)
+
+            def fallback():
+                noise = rng.uniform(-0.1, 0.1, self.space.num_layers)
+                return self.space.repair(np.asarray(self.space.uniform()) + noise).rates
+
+            proposals.append(self._ask_rates("initial", messages, rng, claim, fallback, [], iteration, k))
+        return proposals
+
+    def _select(self, population: list[Member], rng, iteration: int):
+        """LLM parent selection; missing or unknown picks are filled by tournament selection."""
+        ranked = sorted(population, key=lambda m: (m.fitness, m.id))
+        table = "\n".join(f"id {m.id}: perplexity {_fmt_fit(m.fitness)}, rates {_fmt_rates(m.rates)}"
+                          for m in ranked)
+        messages = self._messages("select", population=table, n_pairs=self.n_crossover,
+                                  n_mutations=self.n_mutation)
+        schema = selection_schema(self.n_crossover, self.n_mutation)
+        ids = [m.id for m in population]
+        pairs, parents = [], []
+        for attempt in range(self.retries + 1):
+            result, seed = self._call(messages, schema, rng, {})
+            status, pairs, parents, reason = classify_selection(result.text, ids, self.n_crossover,
+                                                                self.n_mutation)
+            self._count(f"select_{status}")
+            self._log({
+                "iteration": iteration, "operator": "select", "slot": 0, "attempt": attempt, "seed": seed,
+                "messages": messages, "response": result.text, "status": status, "reason": reason,
+                "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                "seconds": result.seconds, "structured": result.structured, "model": result.model,
+                "time": time.time(),
+            })
+            if status != UNUSABLE:
+                break
+            messages = messages + [
+                {"role": "assistant", "content": result.text},
+                {"role": "user", "content": self.prompts.render(
+                    "retry", reason=reason,
+                    format='{"crossover_pairs": [[id, id], ...], "mutation_parents": [id, ...]}')},
+            ]
+        else:
+            self._count("select_fallbacks")
+        by_id = {m.id: m for m in population}
+        while len(pairs) < self.n_crossover:
+            pairs.append([tournament(population, rng, self.tournament_size).id,
+                          tournament(population, rng, self.tournament_size).id])
+        while len(parents) < self.n_mutation:
+            parents.append(tournament(population, rng, self.tournament_size).id)
+        return [(by_id[a], by_id[b]) for a, b in pairs], [by_id[i] for i in parents]
+
+    def _cross_fallback(self, a: Member, b: Member, rng):
+        """Uniform crossover; when that keeps giving known candidates (similar or identical parents), the
+        child is also mutated, so the slot still brings a new candidate."""
+        tries = {"n": 0}
+
+        def make():
+            tries["n"] += 1
+            child = crossover_uniform(a.rates, b.rates, rng)
+            if tries["n"] > 3:
+                child = mutate_move(self.space.repair(child).rates, self.space, rng, self.fallback_step)
+            return child
+
+        return make
+
+    def offspring(self, population, rng, claim=_always_new, iteration=1):
+        pairs, parents = self._select(population, rng, iteration)
+        best = min(population, key=lambda m: (m.fitness, m.id))
+        best_fields = {"best_fit": _fmt_fit(best.fitness), "best_rates": _fmt_rates(best.rates)}
+        children = []
+        for slot, (a, b) in enumerate(pairs):
+            messages = self._messages(
+                "crossover", id_a=a.id, fit_a=_fmt_fit(a.fitness), rates_a=_fmt_rates(a.rates), id_b=b.id,
+                fit_b=_fmt_fit(b.fitness), rates_b=_fmt_rates(b.rates), **best_fields)
+            children.append(self._ask_rates("crossover", messages, rng, claim, self._cross_fallback(a, b, rng),
+                                            [a.id, b.id], iteration, slot))
+        for k, p in enumerate(parents):
+            messages = self._messages("mutate", id=p.id, fit=_fmt_fit(p.fitness), rates=_fmt_rates(p.rates),
+                                      **best_fields)
+            children.append(self._ask_rates(
+                "mutate", messages, rng, claim,
+                lambda p=p: mutate_move(p.rates, self.space, rng, self.fallback_step),
+                [p.id], iteration, len(pairs) + k))
+        return children

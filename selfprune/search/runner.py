@@ -1,0 +1,413 @@
+"""The search loop, its run directory, the journal and resume.
+
+Run directory::
+
+    config.json       every setting (written once, by the CLI)
+    proposals.jsonl   one record per iteration: the raw candidates the operator proposed (+ LLM counts),
+                      fsynced *before* any of them is evaluated
+    journal.jsonl     one record per evaluated candidate, fsynced right after its evaluation
+    llm/calls.jsonl   every LLM prompt and response (LLM operator only)
+    best.json         best candidate so far; summary.json and model/ when the search finished
+
+Resume replays the loop from the start: a batch found in proposals.jsonl is reused instead of being
+generated again (so LLM calls are not repeated either), an evaluation found in journal.jsonl is reused
+instead of being run again. Randomness comes from generators derived from (seed, iteration), never from
+a stream consumed by evaluations, so the replayed state is the state the killed run had and the rest
+of the run continues exactly as an uninterrupted one would.
+
+Budget: ``budget`` counts real evaluations (distinct models, as in the paper's ~430). A candidate whose
+pruned model was already evaluated (same head/channel counts per layer) is answered from the cache and
+does not use the budget; it is counted as a cache hit.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import SelfpruneError
+from ..io import append_jsonl, atomic_write_json, read_jsonl
+from .operators import Member, Operator, Proposal
+from .space import REPAIR_EPS, SearchSpace
+
+CONFIG = "config.json"
+JOURNAL = "journal.jsonl"
+PROPOSALS = "proposals.jsonl"
+BEST = "best.json"
+SUMMARY = "summary.json"
+MODEL_DIR = "model"
+LLM_COUNTERS = ("calls", "valid", "repaired", "unusable", "duplicates", "fallbacks", "prompt_tokens",
+                "completion_tokens")
+
+
+@dataclass
+class SearchProblem:
+    """What the loop needs from the model side.
+
+    ``evaluate(rates)`` returns at least ``{"fitness": float}`` (lower is better; may add "tokens",
+    "seconds", "forward_seconds"). ``achieved(rates)`` gives the fractions really removed after rounding
+    to whole heads/channels; it defines when two candidates are the same model. ``finalize(rates, run_dir)``
+    saves the best pruned model and returns facts for the summary.
+    """
+
+    layer_params: list[int]
+    evaluate: Callable[[list[float]], dict]
+    achieved: Callable[[list[float]], list[float]] | None = None
+    outlier_ratios: Callable[[], list[float]] | None = None
+    finalize: Callable[[list[float], Path], dict] | None = None
+
+    def key(self, rates: Sequence[float]) -> tuple:
+        if self.achieved is not None:
+            return tuple(round(float(a), 6) for a in self.achieved(list(rates)))
+        return tuple(round(float(r), 4) for r in rates)
+
+
+@dataclass
+class RunSettings:
+    budget: int
+    population: int = 30
+    seed: int = 0
+    max_stale_iterations: int = 3
+
+
+@dataclass
+class _State:
+    members: list[Member] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+    cache_hits: int = 0
+    best: Member | None = None
+
+
+def iteration_rng(seed: int, iteration: int) -> np.random.Generator:
+    """The generator for one iteration: a pure function of (seed, iteration)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(iteration), 0x5E1F])
+
+
+def _finite(value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return value if math.isfinite(value) else math.inf
+
+
+def survivors(members: list[Member], size: int) -> list[Member]:
+    """Truncation selection: the ``size`` best (ties broken by age, oldest first)."""
+    return sorted(members, key=lambda m: (m.fitness, m.id))[:size]
+
+
+def create_run_dir(out: str | Path, config: dict, overwrite: bool = False) -> Path:
+    """Make a fresh run directory with its config; refuse to clobber an existing one."""
+    import shutil
+
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise SelfpruneError(
+                f"{out} already exists: pass --resume {out} to continue it, --overwrite to replace it, "
+                f"or another --out"
+            )
+        if not out.is_dir():
+            raise SelfpruneError(f"{out} exists and is not a folder: choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    atomic_write_json(out / CONFIG, config)
+    return out
+
+
+def load_run_config(run_dir: str | Path) -> dict:
+    """The config of an existing run (for --resume)."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise SelfpruneError(f"{run_dir} holds no search run (no {CONFIG}): check the --resume path")
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise SelfpruneError(f"{path} is not valid JSON: the run cannot be resumed, start a new one") from None
+
+
+class SearchRunner:
+    """Runs (or resumes) one search in ``run_dir``."""
+
+    def __init__(self, run_dir: str | Path, space: SearchSpace, problem: SearchProblem, operator: Operator,
+                 settings: RunSettings, seeds: list[Proposal] | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.run_dir = Path(run_dir)
+        self.space = space
+        self.problem = problem
+        self.operator = operator
+        self.settings = settings
+        self.seeds = list(seeds or [])
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        if settings.budget < 1:
+            raise SelfpruneError(f"--budget {settings.budget} is too small: pass at least 1 evaluation")
+        if settings.population < 1:
+            raise SelfpruneError(f"--population {settings.population} is too small: pass at least 1")
+
+    # -- files ------------------------------------------------------------------------------------------
+    @property
+    def journal_path(self) -> Path:
+        return self.run_dir / JOURNAL
+
+    @property
+    def proposals_path(self) -> Path:
+        return self.run_dir / PROPOSALS
+
+    # -- loop -------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run to the budget (replaying what is on disk first) and return the summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        journal = read_jsonl(self.journal_path)
+        batches = {b["iteration"]: b for b in read_jsonl(self.proposals_path)}
+        self._journal = {r["index"]: r for r in journal}
+        self._batches = batches
+        self._elapsed_base = max((r.get("elapsed", 0.0) for r in journal), default=0.0)
+        self._session_start = time.perf_counter()
+        if journal:
+            self.log(f"resuming {self.run_dir}: {len(journal)} evaluations on disk")
+        st = self.state = _State()
+        budget = self.settings.budget
+        self._bar = self._make_bar(initial=min(len(journal), budget))
+        stop_reason = "budget"
+        population: list[Member] = []
+        iteration = 0
+        done_iterations = 0
+        stale = 0
+        try:
+            while len(st.members) < budget:
+                batch = self._batch(iteration, population)
+                if not batch:
+                    stop_reason = "operator finished" if iteration > 0 else "no candidates"
+                    break
+                new = self._process(iteration, batch)
+                done_iterations = iteration + 1
+                population = survivors(population + new, self.settings.population)
+                stale = 0 if new else stale + 1
+                if stale >= self.settings.max_stale_iterations:
+                    stop_reason = f"no new candidate in {stale} iterations"
+                    self.log(f"stopping: the operator proposed only known candidates in {stale} iterations")
+                    break
+                iteration += 1
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+        return self._finish(done_iterations, stop_reason)
+
+    def _batch(self, iteration: int, population: list[Member]) -> list[Proposal]:
+        """This iteration's proposals: from proposals.jsonl on resume, else from the operator (then saved)."""
+        if iteration in self._batches:
+            return [Proposal.from_json(p) for p in self._batches[iteration]["proposals"]]
+        if any(i > iteration for i in self._batches) or any(
+            r["iteration"] >= iteration for r in self._journal.values()
+        ):
+            raise SelfpruneError(
+                f"{self.proposals_path} misses iteration {iteration} that the journal uses: the run folder "
+                f"was modified; start a new run"
+            )
+        rng = iteration_rng(self.settings.seed, iteration)
+        claimed: set = set()
+
+        def claim(rates) -> bool:
+            try:
+                key = self.problem.key(self.space.repair(rates).rates)
+            except ValueError:
+                return False
+            if key in self.state.cache or key in claimed:
+                return False
+            claimed.add(key)
+            return True
+
+        started = time.perf_counter()
+        if iteration == 0:
+            proposals = self.operator.initial(self.settings.population, rng, self.seeds, claim, iteration)
+        else:
+            proposals = self.operator.offspring(population, rng, claim, iteration)
+        record = {
+            "iteration": iteration,
+            "seconds": time.perf_counter() - started,
+            "llm": _take_llm_counts(self.operator),
+            "proposals": [p.to_json() for p in proposals],
+        }
+        append_jsonl(self.proposals_path, record)
+        self._batches[iteration] = record
+        return proposals
+
+    def _process(self, iteration: int, batch: list[Proposal]) -> list[Member]:
+        """Repair, deduplicate and evaluate one batch (or take the evaluations from the journal)."""
+        st = self.state
+        new: list[Member] = []
+        for slot, proposal in enumerate(batch):
+            if len(st.members) >= self.settings.budget:
+                break
+            try:
+                repair = self.space.repair(proposal.rates)
+            except ValueError as exc:  # an operator bug; never silently evaluate garbage
+                raise SelfpruneError(f"operator {proposal.operator} produced an invalid candidate: {exc}") from None
+            key = self.problem.key(repair.rates)
+            if key in st.cache:
+                st.cache_hits += 1
+                continue
+            index = len(st.members)
+            record = self._journal.get(index)
+            if record is not None:
+                if record.get("iteration") != iteration or record.get("slot") != slot or not np.allclose(
+                    record["rates"], repair.rates, rtol=0, atol=1e-12
+                ):
+                    raise SelfpruneError(
+                        f"journal entry {index} does not match the replayed search: {self.run_dir} was "
+                        f"written with other settings or code; start a new run"
+                    )
+                fresh = False
+            else:
+                record = self._evaluate(index, iteration, slot, proposal, repair)
+                fresh = True
+            member = Member(index, list(record["rates"]), _finite(record["fitness"]))
+            st.members.append(member)
+            st.records.append(record)
+            st.cache[key] = index
+            new.append(member)
+            if st.best is None or (member.fitness, member.id) < (st.best.fitness, st.best.id):
+                st.best = member
+                if fresh:  # replayed improvements are written once, at the end of the replay
+                    self._write_best(record)
+        return new
+
+    def _evaluate(self, index, iteration, slot, proposal: Proposal, repair) -> dict:
+        started = time.perf_counter()
+        result = self.problem.evaluate(list(repair.rates))
+        seconds = time.perf_counter() - started
+        achieved = self.problem.achieved(list(repair.rates)) if self.problem.achieved else list(repair.rates)
+        llm = proposal.llm or {}
+        record = {
+            "index": index,
+            "iteration": iteration,
+            "slot": slot,
+            "operator": proposal.operator,
+            "parents": list(proposal.parents),
+            "rates": list(repair.rates),
+            "achieved": [float(a) for a in achieved],
+            "fitness": _finite(result.get("fitness")),
+            "tokens": int(result.get("tokens", 0) or 0),
+            "seconds": float(result.get("seconds", seconds) or seconds),
+            "forward_seconds": float(result.get("forward_seconds", 0.0) or 0.0),
+            "repair_distance": repair.max_abs,
+            "repair_mean": repair.mean_abs,
+            "llm_status": llm.get("status"),
+            "llm_tokens": int(llm.get("prompt_tokens", 0)) + int(llm.get("completion_tokens", 0)),
+            "elapsed": self._elapsed_base + (time.perf_counter() - self._session_start),
+        }
+        append_jsonl(self.journal_path, record)
+        if self._bar is not None:
+            best = min(_finite(record["fitness"]), self.state.best.fitness if self.state.best else math.inf)
+            self._bar.set_postfix_str(f"best {best:.4g}", refresh=False)
+            self._bar.update(1)
+        return record
+
+    def _write_best(self, record: dict) -> None:
+        atomic_write_json(self.run_dir / BEST, {
+            "index": record["index"],
+            "fitness": record["fitness"],
+            "operator": record["operator"],
+            "rates": record["rates"],
+            "achieved": record["achieved"],
+            "evaluations_so_far": len(self.state.members),
+        })
+
+    def _make_bar(self, initial: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.settings.budget, initial=initial, desc=f"search[{self.operator.name}]",
+                    unit="eval", dynamic_ncols=True)
+
+    # -- end --------------------------------------------------------------------------------------------
+    def _finish(self, iterations: int, stop_reason: str) -> dict:
+        st = self.state
+        if st.best is None:
+            raise SelfpruneError("the search evaluated no candidate: check --budget and the operator")
+        best_record = st.records[st.best.id]
+        self._write_best(best_record)
+        llm: dict = {k: 0 for k in LLM_COUNTERS}
+        llm["seconds"] = 0.0
+        for batch in self._batches.values():
+            for k, v in (batch.get("llm") or {}).items():
+                if isinstance(v, (int, float)):
+                    llm[k] = llm.get(k, 0) + v
+        seconds = [r["seconds"] for r in st.records]
+        repaired = [r for r in st.records if r.get("repair_distance", 0.0) > REPAIR_EPS]
+        uniform_key = self.problem.key(self.space.uniform())
+        uniform_fitness = st.records[st.cache[uniform_key]]["fitness"] if uniform_key in st.cache else None
+        summary = {
+            "operator": self.operator.name,
+            "evaluations": len(st.members),
+            "budget": self.settings.budget,
+            "iterations": iterations,
+            "stop_reason": stop_reason,
+            "best_index": st.best.id,
+            "best_fitness": st.best.fitness,
+            "best_operator": best_record["operator"],
+            "uniform_fitness": uniform_fitness,
+            "best_rates": best_record["rates"],
+            "best_achieved": best_record["achieved"],
+            "wall_seconds": max(r.get("elapsed", 0.0) for r in st.records),
+            "eval_seconds": float(sum(seconds)),
+            "seconds_per_eval": float(np.mean(seconds)),
+            "cache_hits": st.cache_hits,
+            "repairs": len(repaired),
+            "repair_max_distance": max((r["repair_distance"] for r in st.records), default=0.0),
+            "repair_mean_distance": float(np.mean([r["repair_distance"] for r in repaired])) if repaired else 0.0,
+            "llm": llm,
+            "eval_tokens": int(sum(r.get("tokens", 0) for r in st.records)),
+        }
+        if self.problem.finalize is not None:
+            summary["model"] = self.problem.finalize(list(best_record["rates"]), self.run_dir)
+        atomic_write_json(self.run_dir / SUMMARY, summary)
+        return summary
+
+
+def _take_llm_counts(operator: Operator) -> dict | None:
+    take = getattr(operator, "take_counts", None)
+    return take() if callable(take) else None
+
+
+def format_summary(summary: dict) -> str:
+    """The table printed at the end of a search."""
+    llm = summary.get("llm") or {}
+    rows = [
+        ("operator", summary["operator"]),
+        ("evaluations", f"{summary['evaluations']} / budget {summary['budget']} ({summary['stop_reason']})"),
+        ("best fitness", f"{summary['best_fitness']:.6g} (eval #{summary['best_index']}, {summary['best_operator']})"),
+    ]
+    if summary.get("uniform_fitness") is not None:
+        rows.append(("uniform fitness", f"{summary['uniform_fitness']:.6g}"))
+    rows += [
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("seconds per eval", f"{summary['seconds_per_eval']:.3f}"),
+        ("cache hits", str(summary["cache_hits"])),
+        ("repairs", f"{summary['repairs']} (max move {summary['repair_max_distance']:.4f})"),
+    ]
+    if llm.get("calls"):
+        rows += [
+            ("LLM calls", f"{llm['calls']} ({llm['prompt_tokens']} + {llm['completion_tokens']} tokens, "
+                          f"{llm.get('seconds', 0.0):.1f} s)"),
+            ("LLM valid/repaired/unusable", f"{llm['valid']} / {llm['repaired']} / {llm['unusable']}"),
+            ("LLM duplicates/fallbacks", f"{llm['duplicates']} / {llm['fallbacks']}"),
+            ("LLM selections valid/repaired/unusable/fallbacks",
+             " / ".join(str(llm.get(f"select_{k}", 0)) for k in ("valid", "repaired", "unusable", "fallbacks"))),
+        ]
+    rates = ", ".join(f"{r:.3f}" for r in summary["best_rates"])
+    rows.append(("best rates", rates))
+    if summary.get("model"):
+        rows.append(("model", str(summary["model"].get("path", summary["model"]))))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

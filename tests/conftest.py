@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random-weight models of every supported family, the local data, the real SmolLM2."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests read the project's local data copies unless the caller points elsewhere.
+if "SELFPRUNE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["SELFPRUNE_DATA_DIR"] = str(SHARED_DATA)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ["SELFPRUNE_DATA_DIR"])
+    assert path.is_dir(), f"test data missing at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> str:
+    """The default model as a safetensors folder (converted from the packaged GGUF once, then cached)."""
+    from selfprune.models import resolve_model_spec
+
+    return resolve_model_spec("default")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def smol(smol_dir):
+    from selfprune.models import load_model
+
+    return load_model(smol_dir)
+
+
+FAMILIES = {
+    # name: (config class path, extra config)
+    "llama-gqa": ("LlamaConfig", {"num_attention_heads": 6, "num_key_value_heads": 2}),
+    "llama-mha": ("LlamaConfig", {"num_attention_heads": 4, "num_key_value_heads": 4}),
+    "mistral": ("MistralConfig", {"num_attention_heads": 6, "num_key_value_heads": 3, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"num_attention_heads": 6, "num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16}),
+}
+
+
+def tiny_model(family: str, vocab_size: int = 49152, seed: int = 0):
+    """A random-weight model of ``family`` small enough for unit tests (4 layers, hidden 96)."""
+    import transformers
+
+    config_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab_size, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
+        max_position_embeddings=256, tie_word_embeddings=True, **({"head_dim": 96 // extra["num_attention_heads"]} | extra),
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    # Random init gives near-zero activations' spread; larger weights make the masking tests meaningful.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1)
+            if name.endswith("bias"):
+                p.normal_(0, 0.05)
+    return model
