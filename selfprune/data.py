@@ -152,7 +152,16 @@ def token_windows(tokenizer, source: TextSource, seq_len: int, max_windows: int 
     """Non-overlapping windows of ``seq_len`` tokens over the whole joined text (the standard perplexity setup)."""
     import torch
 
-    ids = tokenizer(source.joined(), return_tensors="pt").input_ids[0]
+    text = source.joined()
+    ids = None
+    if max_windows is not None:
+        # Tokenize only a prefix: tokens before the last few of a prefix equal the full text's tokens.
+        needed = max_windows * seq_len + 64
+        prefix = tokenizer(text[: needed * 8], return_tensors="pt").input_ids[0]
+        if prefix.numel() >= needed and needed * 8 < len(text):
+            ids = prefix[: needed - 64]
+    if ids is None:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
     count = ids.numel() // seq_len
     if max_windows is not None:
         count = min(count, max_windows)

@@ -63,6 +63,13 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--criterion", default="flap", choices=("flap", "wanda_sp", "magnitude"),
                    help="which heads/channels go inside a layer")
+    from ..accounting import GQA_POLICIES
+    from ..pruning import DEFAULT_GQA_POLICY, DEFAULT_STRUCTURE, STRUCTURES
+
+    g.add_argument("--structure", default=DEFAULT_STRUCTURE, choices=STRUCTURES,
+                   help="how a layer's rate is split between heads and MLP channels (see selfprune prune --help)")
+    g.add_argument("--gqa-policy", default=DEFAULT_GQA_POLICY, choices=GQA_POLICIES,
+                   help="query: remove query heads evenly from every KV group; group: remove whole KV groups")
     g.add_argument("--target", type=float, default=None,
                    help="fraction of the decoder layers' attention+MLP parameters to remove, in (0, 1) "
                         "(required, no default)")
@@ -179,6 +186,8 @@ def build_config(args) -> dict:
         "dtype": args.dtype,
         "device": args.device,
         "criterion": args.criterion,
+        "structure": args.structure,
+        "gqa_policy": args.gqa_policy,
         "target": args.target,
         "bounds": list(bounds),
         "operator": args.operator,
@@ -277,7 +286,8 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     c = config["calibration"]
     calibration = CalibrationConfig(source=c["source"], num_samples=c["num_samples"], seq_len=c["seq_len"],
                                     seed=c["seed"], data_dir=config["data_dir"])
-    pruner = Pruner(model, tokenizer, criterion=config["criterion"], calibration=calibration, progress=progress)
+    pruner = Pruner(model, tokenizer, criterion=config["criterion"], calibration=calibration, progress=progress,
+                    gqa_policy=config["gqa_policy"], structure=config["structure"])
     fitness = _make_fitness(pruner, config)
     space = SearchSpace(pruner.layer_params, config["target"], config["bounds"])
 

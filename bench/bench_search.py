@@ -1,0 +1,104 @@
+"""Issue #3 benchmark: per-layer allocations for SmolLM2-135M found by uniform, OWL-style, random search,
+evolution and the LLM operator with the model itself (`--llm self`), on the same evaluation budget.
+
+Fitness: perplexity on WikiText-2 *validation* windows; the final number is WikiText-2 *test* perplexity
+(seq-len 128) of each run's saved best model, so the search never sees the reported split.
+Results are appended run by run (a long benchmark that is stopped keeps what it finished).
+
+    python bench/bench_search.py [--rates 0.3,0.2,0.5] [--budget 100] [--operators uniform,owl,random,evolution,llm]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import DATA_DIR, RESULTS, versions, write_results
+
+from selfprune.cli import main as cli
+from selfprune.models import load_model
+from selfprune.perplexity import PerplexityEvaluator
+
+RUNS = Path(__file__).resolve().parent / "runs"
+
+
+def run_search(operator: str, target: float, budget: int, windows: int, seed: int) -> Path:
+    out = RUNS / f"{operator}-t{target:g}-b{budget}-s{seed}"
+    argv = ["search", "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
+            "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
+    if operator not in ("uniform", "owl"):
+        argv += ["--budget", str(budget)]
+    if operator == "llm":
+        argv += ["--llm", "self", "--llm-max-tokens", "600"]
+    if (out / "summary.json").is_file():
+        return out
+    argv += ["--resume", str(out)] if (out / "config.json").is_file() else ["--out", str(out)]
+    code = cli(argv)
+    if code != 0:
+        raise SystemExit(f"search {operator} at {target} failed with exit code {code}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rates", default="0.3,0.2,0.5")
+    parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument("--operators", default="uniform,owl,random,evolution,llm")
+    parser.add_argument("--fitness-windows", type=int, default=8)
+    parser.add_argument("--test-windows", type=int, default=80)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    _, tokenizer = load_model("default")
+    test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
+    results_file = RESULTS / "search.json"
+    rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
+    done = {(r["operator"], r["target"], r["budget"]) for r in rows}
+    for target in [float(x) for x in args.rates.split(",")]:
+        for operator in args.operators.split(","):
+            budget = 1 if operator in ("uniform", "owl") else args.budget
+            if (operator, target, budget) in done:
+                continue
+            start = time.time()
+            run = run_search(operator, target, budget, args.fitness_windows, args.seed)
+            summary = json.loads((run / "summary.json").read_text())
+            journal = [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
+            model, _ = load_model(str(run / "model"))
+            test_ppl = test(model)["ppl"]
+            forward = [r.get("forward_seconds") for r in journal if r.get("forward_seconds")]
+            eval_s = [r["seconds"] for r in journal]
+            rows.append({
+                "operator": operator if operator != "llm" else "llm (self)", "target": target, "budget": budget,
+                "evaluations": summary["evaluations"], "best_fitness_valid_ppl": summary["best_fitness"],
+                "test_ppl": test_ppl, "search_wall_seconds": summary["wall_seconds"],
+                "seconds_per_eval": summary["seconds_per_eval"],
+                "eval_over_forward": (sum(eval_s) / sum(forward)) if forward else None,
+                "llm": summary.get("llm"), "repairs": summary.get("repairs"), "cache_hits": summary.get("cache_hits"),
+                "best_rates": summary["best_rates"], "run_dir": str(run.relative_to(RUNS.parent)),
+                "bench_seconds": round(time.time() - start),
+            })
+            save(rows, args, test)
+
+
+def save(rows: list, args, test) -> None:
+    lines = ["# Search benchmark: SmolLM2-135M, per-layer allocations on the same budget", "",
+             f"Fitness: WikiText-2 validation perplexity, {args.fitness_windows} windows x 128 tokens per candidate. "
+             f"Reported: WikiText-2 test perplexity of the saved best model, first {test.settings['windows']} windows "
+             f"({test.settings['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first, query "
+             "GQA policy), calibration C4 64 x 128, seed 0. eval/fwd = seconds per evaluation (build + score) over "
+             "the pruned forward pass alone. LLM counts: valid / repaired / unusable / fallbacks.", "",
+             "| target | operator | budget | evals | best valid ppl | test ppl | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["target"], r["operator"])):
+        llm = r.get("llm") or {}
+        counts = "/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "fallbacks")) if r["operator"].startswith("llm") else ""
+        ratio = f"{r['eval_over_forward']:.3f}" if r.get("eval_over_forward") else "n/a"
+        lines.append(f"| {r['target']:.0%} | {r['operator']} | {r['budget']} | {r['evaluations']} | "
+                     f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} | "
+                     f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} |")
+    write_results("search", {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test.settings,
+                                                         "versions": versions()}}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs everything (scripts/install.sh) and runs the whole test suite on the local data copies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+if [ -z "${SELFPRUNE_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  export SELFPRUNE_DATA_DIR="$(cd ../shared/data && pwd)"
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
