@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama_server import llama_server  # noqa: F401  (one real llama.cpp server for the whole session)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

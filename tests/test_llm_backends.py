@@ -21,10 +21,7 @@ from selfprune.llm import (
     make_backend,
 )
 
-try:
-    from llama_server import free_port, llama_server  # noqa: F401  (pytest fixture)
-except ImportError:  # tests/ imported as a package
-    from tests.llama_server import free_port, llama_server  # noqa: F401
+from llama_server import free_port  # the llama_server fixture itself is registered in conftest.py
 
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
 # A prompt that does not ask for JSON: only an enforced schema can make the reply match.

@@ -182,7 +182,9 @@ def _table(header: list[str], rows: list[list], align: str | None = None) -> str
 
 def _g(value, digits: int = 6) -> str:
     value = _finite(value)
-    return "n/a" if value is None else f"{value:.{digits}g}"
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"  # no exponents in tables
 
 
 def summary_section(run: dict, best: dict) -> str:
@@ -287,7 +289,7 @@ def eval_section(results: dict) -> str:
 def speed_section(results: dict) -> str:
     parts = []
     for name, r in results.items():
-        rows = [["parameters", r["models"]["dense"]["parameters"], r["models"]["pruned"]["parameters"],
+        rows = [["parameters", f"{r['models']['dense']['parameters']:,}", f"{r['models']['pruned']['parameters']:,}",
                  f"{r['parameter_ratio']:.3f}", ""]]
         for p in r.get("prefill", []):
             rows.append([f"prefill {p['batch_size']}x{p['seq_len']} (ms)", f"{1000 * p['dense']['median_s']:.2f}",

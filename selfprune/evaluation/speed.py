@@ -250,7 +250,7 @@ def peak_memory(model, batch_size: int = 1, seq_len: int = 128, passes: int = 3)
 
 
 # -- dense vs pruned ----------------------------------------------------------------------------------------
-def _interleaved(runs: dict, warmup: int, repeats: int, device, measure) -> dict[str, list[float]]:
+def _interleaved(runs: dict, warmup: int, repeats: int, measure) -> dict[str, list[float]]:
     """Warm each function up, then time them in alternating order per repeat (ABBA), cancelling drift."""
     names = list(runs)
     for _ in range(warmup):
@@ -307,7 +307,7 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
     result["parameter_ratio"] = params["pruned"] / params["dense"]
     for batch_size, seq_len in sweep:
         runs = {name: _prefill_fn(m, batch_size, seq_len) for name, m in models.items()}
-        times = _interleaved(runs, warmup, repeats, device, lambda fn: _timed(fn, device))
+        times = _interleaved(runs, warmup, repeats, lambda fn: _timed(fn, device))
         row = {"batch_size": batch_size, "seq_len": seq_len}
         row |= {name: _prefill_result(times[name], batch_size, seq_len) for name in models}
         flops = {name: flops_per_token(m, seq_len) for name, m in models.items()}
@@ -316,7 +316,7 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
         result["prefill"].append(row)
     if decode_tokens >= 1:
         runs = {name: _decode_fn(m, prompt_len, decode_tokens) for name, m in models.items()}
-        times = _interleaved(runs, max(1, warmup), repeats, device, lambda fn: fn())
+        times = _interleaved(runs, max(1, warmup), repeats, lambda fn: fn())
         context = prompt_len + (decode_tokens + 1) // 2  # the middle of the generated span
         flops = {name: flops_per_token(m, context) for name, m in models.items()}
         row = {"prompt_len": prompt_len, "new_tokens": decode_tokens, "batch_size": 1, "flops_context": context}
@@ -462,7 +462,7 @@ def add_speed_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="prompt length before the decode run")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per setting and model (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per setting and model first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a shared machine fewer threads than cores give steadier numbers)")
     p.add_argument("--out", default=None, help="write the full results as JSON here (e.g. <run>/speed.json)")
     p.set_defaults(func=run_speed)
     return p
