@@ -4,7 +4,7 @@ average accuracy, WikiText-2 test perplexity, and speed ratios against the ideal
 
 The searched allocations come from bench/bench_search.py's runs (the best test-perplexity run per rate).
 
-    python bench/bench_eval.py [--limit 40] [--rates 0.2,0.5]
+    python bench/bench_eval.py [--limit 30] [--rates 0.2,0.5]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def best_searched_rates(target: float) -> tuple[list[float], str] | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--limit", type=int, default=40, help="first N items of every task")
+    parser.add_argument("--limit", type=int, default=30, help="first N items of every task")
     parser.add_argument("--rates", default="0.2,0.5")
     parser.add_argument("--test-windows", type=int, default=80)
     args = parser.parse_args()
@@ -50,20 +50,34 @@ def main() -> None:
         searched = best_searched_rates(target)
         if searched:
             candidates.append((f"searched {target:.0%}: {searched[1]}", target, pruner.build(searched[0])[0]))
+    # Incremental: rows already measured with the same limit are kept (the searched rows come later).
+    previous = RESULTS / "eval.json"
     rows = []
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old["settings"]["limit"] == args.limit:
+            rows = [r for r in old["rows"] if r["model"] in {name for name, _, _ in candidates}]
+    done = {r["model"] for r in rows}
     for name, target, candidate in candidates:
+        if name in done:
+            continue
         acc = evaluate_zero_shot(candidate, tokenizer, list(TASKS), limit=args.limit, data_dir=DATA_DIR, batch_size=8)
         row = {"model": name, "target": target, "average": acc["average"],
                "tasks": {t: acc["tasks"][t]["value"] for t in TASKS}, "ppl": ppl(candidate)["ppl"]}
         if candidate is not model:
             speed = compare_speed(candidate, model, sweep=[(8, 128)], decode_tokens=16, repeats=5, memory=False)
             row["speed"] = speed
+        row["lm_eval_version"] = acc["lm_eval_version"]
         rows.append(row)
         print(name, round(row["average"], 4), round(row["ppl"], 2), flush=True)
-    dense_avg = rows[0]["average"]
+        save(rows, args, ppl, start)
+
+
+def save(rows, args, ppl, start) -> None:
+    dense_avg = next(r["average"] for r in rows if r["model"] == "dense")
     header = "| model | " + " | ".join(f"{t} ({REPORTED_METRIC[t]})" for t in TASKS) + " | average | % of dense | wikitext2 ppl | prefill 8x128 time / ideal | decode time / ideal |"
     lines = ["# Zero-shot benchmark: SmolLM2-135M dense vs FLAP-uniform vs searched", "",
-             f"lm-eval {acc['lm_eval_version']}, zero-shot, local data, first {args.limit} items of every task "
+             f"lm-eval {rows[0]['lm_eval_version']}, zero-shot, local data, first {args.limit} items of every task "
              f"(the same items for every model). WikiText-2 test perplexity on {ppl.settings['predicted_tokens']:,} "
              "predicted tokens at seq-len 128. Speed: pruned / dense time (median of 5, interleaved, CPU) beside the "
              "FLOPs ideal; decode is batch 1, 16 new tokens after a 128-token prompt.", "", header, "|" + "---|" * (len(TASKS) + 6)]

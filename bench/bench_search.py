@@ -23,14 +23,17 @@ from selfprune.perplexity import PerplexityEvaluator
 RUNS = Path(__file__).resolve().parent / "runs"
 
 
-def run_search(operator: str, target: float, budget: int, windows: int, seed: int) -> Path:
+def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None) -> Path:
     out = RUNS / f"{operator}-t{target:g}-b{budget}-s{seed}"
     argv = ["search", "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
             "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
     if operator not in ("uniform", "owl"):
         argv += ["--budget", str(budget)]
-    if operator == "llm":
+    if operator == "llm" and server is None:
         argv += ["--llm", "self", "--llm-max-tokens", "600"]
+    elif operator == "llm":  # the same SmolLM2 weights (its GGUF), served by llama.cpp: much faster generation
+        argv += ["--llm", "openai:smollm2", "--llm-base-url", server.base_url, "--llm-api-key-env",
+                 "SELFPRUNE_BENCH_KEY", "--llm-max-tokens", "600"]
     if (out / "summary.json").is_file():
         return out
     argv += ["--resume", str(out)] if (out / "config.json").is_file() else ["--out", str(out)]
@@ -48,7 +51,20 @@ def main() -> None:
     parser.add_argument("--fitness-windows", type=int, default=8)
     parser.add_argument("--test-windows", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--llm-server", action="store_true",
+                        help="serve the model's own GGUF with llama.cpp for the LLM operator instead of transformers")
     args = parser.parse_args()
+    server = None
+    if args.llm_server:
+        import os
+        import sys
+        import tempfile
+
+        sys.path.insert(0, str(RUNS.parents[1] / "tests"))
+        from llama_server import default_gguf, start_llama_server
+
+        _process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log")
+        os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
     _, tokenizer = load_model("default")
     test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
     results_file = RESULTS / "search.json"
@@ -60,7 +76,7 @@ def main() -> None:
             if (operator, target, budget) in done:
                 continue
             start = time.time()
-            run = run_search(operator, target, budget, args.fitness_windows, args.seed)
+            run = run_search(operator, target, budget, args.fitness_windows, args.seed, server)
             summary = json.loads((run / "summary.json").read_text())
             journal = [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
             model, _ = load_model(str(run / "model"))
@@ -68,7 +84,7 @@ def main() -> None:
             forward = [r.get("forward_seconds") for r in journal if r.get("forward_seconds")]
             eval_s = [r["seconds"] for r in journal]
             rows.append({
-                "operator": operator if operator != "llm" else "llm (self)", "target": target, "budget": budget,
+                "operator": operator if operator != "llm" else ("llm (self, llama.cpp)" if server else "llm (self)"), "target": target, "budget": budget,
                 "evaluations": summary["evaluations"], "best_fitness_valid_ppl": summary["best_fitness"],
                 "test_ppl": test_ppl, "search_wall_seconds": summary["wall_seconds"],
                 "seconds_per_eval": summary["seconds_per_eval"],

@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # weight-loading bars; our own progress bars stay
     try:
         return args.func(args) or 0
     except SelfpruneError as exc:

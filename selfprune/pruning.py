@@ -104,9 +104,9 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
         extra = extra_bias.to(device=weight.device, dtype=weight.dtype)
         bias = extra if bias is None else bias + extra
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    new.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    new.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
     if bias is not None:
-        new.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+        new.bias = nn.Parameter(bias.contiguous(), requires_grad=linear.weight.requires_grad)
     return new
 
 

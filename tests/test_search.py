@@ -419,16 +419,12 @@ DATA_DIR = Path(os.environ.get("SELFPRUNE_DATA_DIR", "/work/shared/data"))
 def _tiny_model_dir(folder: Path) -> Path:
     """A random 4-layer Llama with a byte-level tokenizer, saved like any hub model."""
     torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    vocab["</s>"] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="</s>")
+    from conftest import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,

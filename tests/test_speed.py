@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+
+from conftest import byte_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from selfprune.errors import SelfpruneError
@@ -124,23 +126,11 @@ def test_bad_settings_are_one_line_errors():
     assert parse_sweep("1x128, 8X512") == [(1, 128), (8, 512)]
 
 
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    vocab["</s>"] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="</s>")
-
-
 def test_speed_command_writes_json_and_prints_the_table(tmp_path, capsys):
     from selfprune.cli import main
     from selfprune.pruned_format import save_pruned
 
-    tokenizer = _byte_tokenizer()
+    tokenizer = byte_tokenizer()
     dense = tiny_llama(vocab=len(tokenizer))
     dense.save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
