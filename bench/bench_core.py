@@ -8,9 +8,12 @@ layer's rate is split between heads and MLP channels.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
-from common import DATA_DIR, interleaved_forward_times, versions, write_results
+import torch
+
+from common import DATA_DIR, RESULTS, interleaved_forward_times, versions, write_results
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.evaluation.speed import flops_per_token
@@ -23,20 +26,30 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--windows", type=int, default=80, help="WikiText-2 test windows of 128 tokens (80 = 10,240 tokens)")
     parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--retime", action="store_true",
+                        help="keep the perplexities in results/core.json and measure only the time ratios again "
+                             "(for a quieter machine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the timing")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.time()
     model, tokenizer = load_model("default")
     evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.windows, 8, DATA_DIR)
     calibration = CalibrationConfig(source="c4", num_samples=args.calib_samples, seq_len=128, seed=0, data_dir=DATA_DIR)
     base = Pruner(model, tokenizer, "flap", calibration, progress=False)
-    dense_ppl = evaluator(model)["ppl"]
+    previous = json.loads((RESULTS / "core.json").read_text()) if args.retime else None
+    dense_ppl = previous["dense_ppl"] if previous else evaluator(model)["ppl"]
     dense_flops = flops_per_token(model, 128)
     rows = []
 
     def run(criterion, rate, structure="mlp_first", policy="query", compensation=None, label=None, multiple=1):
         pruner = Pruner(model, tokenizer, criterion, base.calibration, policy, multiple, compensation, False, structure)
         pruned, report = pruner.build([rate] * pruner.num_layers)
-        ppl = evaluator(pruned)["ppl"]
+        if previous:
+            ppl = next(r["ppl"] for r in previous["rows"] if (r["method"], r["rate"]) == (label or criterion, rate))
+        else:
+            ppl = evaluator(pruned)["ppl"]
         times = interleaved_forward_times({"dense": model, "pruned": pruned})
         row = {"method": label or criterion, "criterion": criterion, "structure": structure, "gqa_policy": policy,
                "mlp_multiple": multiple,

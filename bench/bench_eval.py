@@ -23,11 +23,8 @@ from selfprune.pruning import Pruner
 
 
 def best_searched_rates(target: float) -> tuple[list[float], str] | None:
-    path = RESULTS / "search.json"
-    if not path.is_file():
-        return None
-    rows = [r for r in json.loads(path.read_text())["rows"]
-            if r["target"] == target and r["operator"] not in ("uniform",)]
+    rows = [r for path in sorted(RESULTS.glob("search*.json")) for r in json.loads(path.read_text())["rows"]
+            if r["target"] == target and r["operator"] != "uniform"]
     if not rows:
         return None
     best = min(rows, key=lambda r: r["best_fitness_valid_ppl"])  # chosen on validation, not on test

@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--fitness-windows", type=int, default=8)
     parser.add_argument("--test-windows", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="search", help="results file name in bench/results (parallel runs use their own)")
     parser.add_argument("--llm-server", action="store_true",
                         help="serve the model's own GGUF with llama.cpp for the LLM operator instead of transformers")
     args = parser.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
         os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
     _, tokenizer = load_model("default")
     test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
-    results_file = RESULTS / "search.json"
+    results_file = RESULTS / f"{args.name}.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
     done = {(r["operator"], r["target"], r["budget"]) for r in rows}
     for target in [float(x) for x in args.rates.split(",")]:
@@ -112,7 +113,7 @@ def save(rows: list, args, test) -> None:
         lines.append(f"| {r['target']:.0%} | {r['operator']} | {r['budget']} | {r['evaluations']} | "
                      f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} | "
                      f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} |")
-    write_results("search", {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test.settings,
+    write_results(args.name, {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test.settings,
                                                          "versions": versions()}}, "\n".join(lines))
 
 
