@@ -18,8 +18,8 @@ from .calibration import CalibrationConfig, CalibrationResult, calibrate
 from .criteria import DEFAULT_BIAS_COMPENSATION, NEEDS_CALIBRATION, check_criterion, outlier_ratio, score_layer
 from .errors import SelfpruneError
 
-#: The GQA policy that lost less perplexity on SmolLM2-135M (bench/gqa_policy.md): keep every KV head.
-DEFAULT_GQA_POLICY = "query"
+#: The GQA policy that lost less perplexity on SmolLM2-135M (bench/results/core.md): remove whole KV groups.
+DEFAULT_GQA_POLICY = "group"
 #: How a layer's rate is split between heads and MLP channels (bench/README.md compares them).
 STRUCTURES = ("mlp_first", "proportional", "standardized")
 DEFAULT_STRUCTURE = "mlp_first"
