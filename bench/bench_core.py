@@ -83,7 +83,7 @@ def main() -> None:
                 "speed": {"batch": 8, "seq_len": 128, "device": "cpu", "repeats": 7, "warmup": 2,
                           "timing": "median, dense and pruned interleaved in one run"},
                 "versions": versions(), "wall_seconds": round(time.time() - start)}
-    lines = [f"# Core benchmark: SmolLM2-135M, WikiText-2 test perplexity",
+    lines = ["# Core benchmark: SmolLM2-135M, WikiText-2 test perplexity",
              "",
              f"Perplexity on the first {evaluator.settings['windows']} windows of 128 tokens of WikiText-2 test "
              f"({evaluator.settings['predicted_tokens']:,} predicted tokens). Calibration: C4 sample, "

@@ -54,7 +54,6 @@ def resolve_model_spec(spec: str | None) -> str:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file once and save it as a safetensors folder that loads in seconds."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..io import atomic_directory
 
