@@ -95,22 +95,24 @@ def main() -> None:
                 "bench_seconds": round(time.time() - start),
             })
             save(rows, args, test)
+    save(rows, args, test)  # also regenerates the table when every run was already done
 
 
 def save(rows: list, args, test) -> None:
     lines = ["# Search benchmark: SmolLM2-135M, per-layer allocations on the same budget", "",
              f"Fitness: WikiText-2 validation perplexity, {args.fitness_windows} windows x 128 tokens per candidate. "
              f"Reported: WikiText-2 test perplexity of the saved best model, first {test.settings['windows']} windows "
-             f"({test.settings['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first, query "
-             "GQA policy), calibration C4 64 x 128, seed 0. eval/fwd = seconds per evaluation (build + score) over "
+             f"({test.settings['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first split; GQA "
+             "policy per row), calibration C4 64 x 128, seed 0. eval/fwd = seconds per evaluation (build + score) over "
              "the pruned forward pass alone. LLM counts: valid / repaired / unusable / fallbacks.", "",
-             "| target | operator | budget | evals | best valid ppl | test ppl | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| target | operator | GQA | budget | evals | best valid ppl | test ppl | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["target"], r["operator"])):
         llm = r.get("llm") or {}
         counts = "/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "fallbacks")) if r["operator"].startswith("llm") else ""
         ratio = f"{r['eval_over_forward']:.3f}" if r.get("eval_over_forward") else "n/a"
-        lines.append(f"| {r['target']:.0%} | {r['operator']} | {r['budget']} | {r['evaluations']} | "
+        gqa = json.loads((RUNS.parent / r["run_dir"] / "config.json").read_text()).get("gqa_policy", "query")
+        lines.append(f"| {r['target']:.0%} | {r['operator']} | {gqa} | {r['budget']} | {r['evaluations']} | "
                      f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} | "
                      f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} |")
     write_results(args.name, {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test.settings,
