@@ -64,7 +64,7 @@ def main() -> None:
         sys.path.insert(0, str(RUNS.parents[1] / "tests"))
         from llama_server import default_gguf, start_llama_server
 
-        _process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log")
+        _process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192)
         os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
     _, tokenizer = load_model("default")
     test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)

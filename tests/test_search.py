@@ -513,3 +513,16 @@ def test_tiny_model_search_end_to_end(tiny_model_dir, tmp_path, monkeypatch, cap
     assert args.func(args) == 0
     journal2 = read_jsonl(run / "journal.jsonl")
     assert len(journal2) == 8 and journal2[:6] == journal
+
+
+def test_resume_may_move_the_llm_server_and_extend_the_budget():
+    from selfprune.search.cli_search import apply_resume_overrides, build_config
+
+    config = build_config(_parse(["--target", "0.3", "--operator", "llm", "--llm", "openai:x",
+                                  "--llm-base-url", "http://127.0.0.1:1/v1", "--budget", "10"]))
+    assert not apply_resume_overrides(config, _parse(["--resume", "run"]))
+    moved = _parse(["--resume", "run", "--llm-base-url", "http://127.0.0.1:2/v1", "--llm-api-key-env", "MY_KEY",
+                    "--budget", "20"])
+    assert apply_resume_overrides(config, moved)
+    assert config["llm"]["base_url"] == "http://127.0.0.1:2/v1" and config["llm"]["api_key_env"] == "MY_KEY"
+    assert config["budget"] == 20

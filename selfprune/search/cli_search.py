@@ -51,7 +51,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="run directory (default: runs/<operator>-t<target>-s<seed>)")
     g.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR with its saved config; other options are ignored except "
-                        "--budget (to extend a run), --no-progress and --no-save-model")
+                        "--budget (to extend a run), --llm-base-url / --llm-api-key-env (the LLM server may have "
+                        "moved), --no-progress and --no-save-model")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (default: refuse)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice of the search")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
@@ -328,14 +329,30 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     return summary
 
 
+def apply_resume_overrides(config: dict, args) -> bool:
+    """The few settings a resumed run may change: its budget and where the LLM server is now.
+
+    Neither changes what was evaluated; returns whether the config changed."""
+    changed = False
+    if args.budget is not None:
+        if args.budget < 1:
+            raise SelfpruneError(f"--budget {args.budget} is too small: use at least 1 evaluation")
+        changed |= config["budget"] != args.budget
+        config["budget"] = args.budget
+    llm = config.get("llm")
+    if llm is not None:
+        if args.llm_base_url is not None and args.llm_base_url != llm["base_url"]:
+            llm["base_url"], changed = args.llm_base_url, True
+        if args.llm_api_key_env != "OPENAI_API_KEY" and args.llm_api_key_env != llm["api_key_env"]:
+            llm["api_key_env"], changed = args.llm_api_key_env, True
+    return changed
+
+
 def run_search_command(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         config = load_run_config(run_dir)
-        if args.budget is not None:
-            if args.budget < 1:
-                raise SelfpruneError(f"--budget {args.budget} is too small: use at least 1 evaluation")
-            config["budget"] = args.budget
+        if apply_resume_overrides(config, args):
             atomic_write_json(run_dir / CONFIG, config)
         print(f"resuming {run_dir} with its saved settings ({run_dir / 'config.json'})", file=sys.stderr)
     else:
