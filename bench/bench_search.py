@@ -104,16 +104,19 @@ def save(rows: list, args, test) -> None:
              f"Reported: WikiText-2 test perplexity of the saved best model, first {test.settings['windows']} windows "
              f"({test.settings['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first split; GQA "
              "policy per row), calibration C4 64 x 128, seed 0. eval/fwd = seconds per evaluation (build + score) over "
-             "the pruned forward pass alone. LLM counts: valid / repaired / unusable / fallbacks.", "",
-             "| target | operator | GQA | budget | evals | best valid ppl | test ppl | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the pruned forward pass alone. 'best valid @30 evals' compares operators on an equal budget of 30. LLM counts: valid / repaired / unusable / fallbacks.", "",
+             "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["target"], r["operator"])):
         llm = r.get("llm") or {}
         counts = "/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "fallbacks")) if r["operator"].startswith("llm") else ""
         ratio = f"{r['eval_over_forward']:.3f}" if r.get("eval_over_forward") else "n/a"
-        gqa = json.loads((RUNS.parent / r["run_dir"] / "config.json").read_text()).get("gqa_policy", "query")
+        run = RUNS.parent / r["run_dir"]
+        gqa = json.loads((run / "config.json").read_text()).get("gqa_policy", "query")
+        first = [json.loads(line)["fitness"] for line in (run / "journal.jsonl").read_text().splitlines()[:30] if line.strip()]
+        at30 = f"{min(first):.2f}" if r["evaluations"] >= 30 else "n/a"
         lines.append(f"| {r['target']:.0%} | {r['operator']} | {gqa} | {r['budget']} | {r['evaluations']} | "
-                     f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} | "
+                     f"{r['best_fitness_valid_ppl']:.2f} | {at30} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} | "
                      f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} |")
     write_results(args.name, {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test.settings,
                                                          "versions": versions()}}, "\n".join(lines))
