@@ -243,7 +243,7 @@ class Pruner:
         plans = self.plan(rates)
         a = self.adapter
         hd = a.head_dim
-        new_layers, reports = [], []
+        new_layers, reports, pruned_params = [], [], []
         for i, (layer, plan) in enumerate(zip(a.layers(), plans)):
             kept_q, kept_kv, kept_ch = self.kept_units(i, plan)
             q_rows, kv_rows = _head_rows(kept_q, hd), _head_rows(kept_kv, hd)
@@ -273,15 +273,14 @@ class Pruner:
             new_layers.append(new_layer)
             o_bias, down_bias = new_attn.o_proj.bias is not None, new_mlp.down_proj.bias is not None
             pruned = geom.params(len(kept_q), len(kept_kv), len(kept_ch), o_bias, down_bias)
+            pruned_params.append(pruned)
             reports.append(LayerReport(len(kept_q), len(kept_kv), len(kept_ch), plan.requested,
                                        1 - pruned / geom.dense_params, kept_q, kept_kv, kept_ch,
                                        o_bias and not geom.o_bias, down_bias and not geom.mlp_bias))
         model = self._assemble(new_layers)
-        dense_layers = sum(self.layer_params)
-        pruned_layers = sum(round(g.dense_params * (1 - r.achieved_rate)) for g, r in zip(self.geometries, reports))
         report = PruneReport(
             self.criterion, self.gqa_policy, self.structure, self.bias_compensation, self.mlp_multiple, reports,
-            dense_layers, pruned_layers, _count(self.model), _count(model),
+            sum(self.layer_params), sum(pruned_params), _count(self.model), _count(model),
             self.calibration.config.to_dict() | {"tokens": self.calibration.tokens, "origin": self.calibration.origin}
             if self.calibration else None,
         )
