@@ -18,14 +18,12 @@ import argparse
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from ..errors import SelfpruneError
-from ..io import atomic_write_text, read_jsonl
+from ..io import atomic_write_bytes, atomic_write_text, read_jsonl
 
 EXTRA_PATTERNS = {"ppl": "ppl*.json", "eval": "eval*.json", "speed": "speed*.json"}
 
@@ -102,14 +100,7 @@ def _save_figure(fig, path: Path) -> None:
     """PNG through a temporary file and a rename, so a killed report never leaves a torn image."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_rates(run: dict, best: dict, path: Path) -> None:
