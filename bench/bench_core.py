@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from common import DATA_DIR, RESULTS, interleaved_forward_times, versions, write_results
+from common import DATA_DIR, RESULTS, versions, write_results
 
 from selfprune.calibration import CalibrationConfig
-from selfprune.evaluation.speed import flops_per_token
+from selfprune.evaluation.speed import compare_speed
 from selfprune.models import load_model
 from selfprune.perplexity import PerplexityEvaluator
 from selfprune.pruning import Pruner
@@ -40,7 +40,6 @@ def main() -> None:
     base = Pruner(model, tokenizer, "flap", calibration, progress=False)
     previous = json.loads((RESULTS / "core.json").read_text()) if args.retime else None
     dense_ppl = previous["dense_ppl"] if previous else evaluator(model)["ppl"]
-    dense_flops = flops_per_token(model, 128)
     rows = []
 
     def run(criterion, rate, structure="mlp_first", policy="query", compensation=None, label=None, multiple=1):
@@ -50,13 +49,13 @@ def main() -> None:
             ppl = next(r["ppl"] for r in previous["rows"] if (r["method"], r["rate"]) == (label or criterion, rate))
         else:
             ppl = evaluator(pruned)["ppl"]
-        times = interleaved_forward_times({"dense": model, "pruned": pruned})
+        prefill = compare_speed(pruned, model, sweep=[(8, 128)], decode_tokens=0, repeats=7, memory=False)["prefill"][0]
         row = {"method": label or criterion, "criterion": criterion, "structure": structure, "gqa_policy": policy,
                "mlp_multiple": multiple,
                "bias_compensation": pruner.bias_compensation, "rate": rate,
                "achieved_rate": report.achieved_rate, "params": report.pruned_total_params,
-               "ppl": ppl, "time_ratio": times["pruned"] / times["dense"],
-               "ideal_ratio": flops_per_token(pruned, 128) / dense_flops,
+               "ppl": ppl, "time_ratio": prefill["time_ratio"],
+               "ideal_ratio": prefill["ideal_ratio"],
                "heads_per_layer": [l.num_heads for l in report.layers][:3],
                "mlp_width_layer0": report.layers[0].intermediate_size}
         rows.append(row)
