@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -23,12 +24,20 @@ from selfprune.perplexity import PerplexityEvaluator
 RUNS = Path(__file__).resolve().parent / "runs"
 
 
-def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None) -> Path:
-    out = RUNS / f"{operator}-t{target:g}-b{budget}-s{seed}"
+def run_name(operator: str, target: float, budget: int, seed: int, gqa: str) -> str:
+    return f"{operator}-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}")
+
+
+def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None,
+               llm_retries: int = 2, gqa: str = "group") -> Path:
+    out = RUNS / run_name(operator, target, budget, seed, gqa)
     argv = ["search", "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
+            "--gqa-policy", gqa,
             "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
     if operator not in ("uniform", "owl"):
         argv += ["--budget", str(budget)]
+    if operator == "llm":
+        argv += ["--llm-retries", str(llm_retries)]
     if operator == "llm" and server is None:
         argv += ["--llm", "self", "--llm-max-tokens", "600"]
     elif operator == "llm":  # the same SmolLM2 weights (its GGUF), served by llama.cpp: much faster generation
@@ -36,6 +45,12 @@ def run_search(operator: str, target: float, budget: int, windows: int, seed: in
                  "SELFPRUNE_BENCH_KEY", "--llm-max-tokens", "600"]
     if (out / "summary.json").is_file():
         return out
+    runs = {b: RUNS / run_name(operator, target, b, seed, gqa) for b in range(1, budget)}
+    shorter = [path for b, path in sorted(runs.items()) if (path / "summary.json").is_file()]
+    if not out.exists() and shorter:
+        # A larger budget continues the largest finished smaller one: its first evaluations are that run's.
+        shutil.copytree(shorter[-1], out)
+        (out / "summary.json").unlink()
     argv += ["--resume", str(out)] if (out / "config.json").is_file() else ["--out", str(out)]
     code = cli(argv)
     if code != 0:
@@ -54,6 +69,14 @@ def main() -> None:
     parser.add_argument("--name", default="search", help="results file name in bench/results (parallel runs use their own)")
     parser.add_argument("--llm-server", action="store_true",
                         help="serve the model's own GGUF with llama.cpp for the LLM operator instead of transformers")
+    parser.add_argument("--gqa-policy", default="group", choices=("group", "query"))
+    parser.add_argument("--merge", default=None,
+                        help="comma list of results names (from parallel runs with --name) to merge into --name, "
+                             "then only rewrite the table")
+    parser.add_argument("--llm-retries", type=int, default=2,
+                        help="retries of an unusable LLM answer (the CLI's default is 2)")
+    parser.add_argument("--llm-threads", type=int, default=2,
+                        help="llama.cpp threads (the search waits on each call, so both cores are free then)")
     args = parser.parse_args()
     server = None
     if args.llm_server:
@@ -64,28 +87,49 @@ def main() -> None:
         sys.path.insert(0, str(RUNS.parents[1] / "tests"))
         from llama_server import default_gguf, start_llama_server
 
-        _process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192)
+        _process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192,
+                                               n_threads=args.llm_threads)
         os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
     _, tokenizer = load_model("default")
     test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
     results_file = RESULTS / f"{args.name}.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
-    done = {(r["operator"], r["target"], r["budget"]) for r in rows}
+    if args.merge:
+        known = {r["run_dir"] for r in rows}
+        for name in args.merge.split(","):
+            for row in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+                row.setdefault("gqa_policy", gqa_of(row))
+                if "best_valid_at_30" not in row:
+                    enough = row["evaluations"] >= 30
+                    row["best_valid_at_30"] = best_at(RUNS.parent / row["run_dir"], 30) if enough else None
+                if row["run_dir"] not in known:
+                    rows.append(row)
+                    known.add(row["run_dir"])
+        save(rows, args, test)
+        return
+    done = {(r["operator"].split(" ")[0], r["target"], r["budget"], gqa_of(r)) for r in rows}
     for target in [float(x) for x in args.rates.split(",")]:
         for operator in args.operators.split(","):
             budget = 1 if operator in ("uniform", "owl") else args.budget
-            if (operator, target, budget) in done:
+            if (operator, target, budget, args.gqa_policy) in done:
                 continue
             start = time.time()
-            run = run_search(operator, target, budget, args.fitness_windows, args.seed, server)
+            run = run_search(operator, target, budget, args.fitness_windows, args.seed, server, args.llm_retries,
+                             args.gqa_policy)
             summary = json.loads((run / "summary.json").read_text())
             journal = [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
             model, _ = load_model(str(run / "model"))
             test_ppl = test(model)["ppl"]
             forward = [r.get("forward_seconds") for r in journal if r.get("forward_seconds")]
             eval_s = [r["seconds"] for r in journal]
+            config = json.loads((run / "config.json").read_text())
+            label = operator
+            if operator == "llm":
+                label = (f"llm (self{', llama.cpp' if server else ''}, prompts {config['llm']['prompt_version']}, "
+                         f"{config['llm']['retries']} retries)")
             rows.append({
-                "operator": operator if operator != "llm" else ("llm (self, llama.cpp)" if server else "llm (self)"), "target": target, "budget": budget,
+                "operator": label, "target": target, "budget": budget, "gqa_policy": config["gqa_policy"],
+                "best_valid_at_30": best_at(run, 30) if summary["evaluations"] >= 30 else None,
                 "evaluations": summary["evaluations"], "best_fitness_valid_ppl": summary["best_fitness"],
                 "test_ppl": test_ppl, "search_wall_seconds": summary["wall_seconds"],
                 "seconds_per_eval": summary["seconds_per_eval"],
@@ -98,6 +142,18 @@ def main() -> None:
     save(rows, args, test)  # also regenerates the table when every run was already done
 
 
+def gqa_of(row: dict) -> str:
+    if "gqa_policy" in row:
+        return row["gqa_policy"]
+    return json.loads((RUNS.parent / row["run_dir"] / "config.json").read_text()).get("gqa_policy", "query")
+
+
+def best_at(run: Path, evaluations: int) -> float:
+    """Best fitness within the first ``evaluations`` (operators compared on an equal, smaller budget)."""
+    journal = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines() if line.strip()]
+    return min(r["fitness"] for r in journal[:evaluations])
+
+
 def save(rows: list, args, test) -> None:
     lines = ["# Search benchmark: SmolLM2-135M, per-layer allocations on the same budget", "",
              f"Fitness: WikiText-2 validation perplexity, {args.fitness_windows} windows x 128 tokens per candidate. "
@@ -107,14 +163,12 @@ def save(rows: list, args, test) -> None:
              "the pruned forward pass alone. 'best valid @30 evals' compares operators on an equal budget of 30. LLM counts: valid / repaired / unusable / fallbacks.", "",
              "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["target"], r["operator"])):
+    for r in sorted(rows, key=lambda r: (r["target"], gqa_of(r), r["operator"], r["budget"])):
         llm = r.get("llm") or {}
         counts = "/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "fallbacks")) if r["operator"].startswith("llm") else ""
         ratio = f"{r['eval_over_forward']:.3f}" if r.get("eval_over_forward") else "n/a"
-        run = RUNS.parent / r["run_dir"]
-        gqa = json.loads((run / "config.json").read_text()).get("gqa_policy", "query")
-        first = [json.loads(line)["fitness"] for line in (run / "journal.jsonl").read_text().splitlines()[:30] if line.strip()]
-        at30 = f"{min(first):.2f}" if r["evaluations"] >= 30 else "n/a"
+        gqa = gqa_of(r)
+        at30 = f"{r['best_valid_at_30']:.2f}" if r.get("best_valid_at_30") else "n/a"
         lines.append(f"| {r['target']:.0%} | {r['operator']} | {gqa} | {r['budget']} | {r['evaluations']} | "
                      f"{r['best_fitness_valid_ppl']:.2f} | {at30} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} | "
                      f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} |")

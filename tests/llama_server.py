@@ -58,19 +58,21 @@ def _ready(base_url: str, api_key: str) -> bool:
         return False
 
 
-def start_llama_server(model_path: Path, log_path: Path, api_key: str = SERVER_KEY, n_ctx: int = 2048):
+def start_llama_server(model_path: Path, log_path: Path, api_key: str = SERVER_KEY, n_ctx: int = 2048,
+                       n_threads: int = 1):
     """Launch ``python -m llama_cpp.server`` and wait until ``/v1/models`` answers.
 
     Returns ``(process, LlamaServer)``. Output goes to ``log_path`` (a pipe could fill up and stall
-    the server); its tail is shown if the server dies or never becomes ready. One thread: the model
-    is tiny, and on a shared 2-core machine two spinning llama.cpp threads run ~3x slower than one.
+    the server); its tail is shown if the server dies or never becomes ready. One thread by default: the
+    model is tiny, and on a shared 2-core machine two spinning llama.cpp threads run ~3x slower than one
+    when something else computes at the same time (the benchmark, whose search waits on each call, uses 2).
     """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     command = [
         sys.executable, "-m", "llama_cpp.server",
         "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", str(n_ctx), "--n_threads", "1", "--api_key", api_key,
+        "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads), "--api_key", api_key,
     ]  # fmt: skip
     log = open(log_path, "wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -48,7 +48,7 @@ def tiny(tmp_path_factory):
     return {"model": model, "tokenizer": tokenizer, "dir": folder / "dense", "text": folder / "text.txt"}
 
 
-def run_search(tiny, run_dir: Path, operator: str, budget: int, backend=None, extra=()) -> dict:
+def run_search(tiny, run_dir: Path, operator: str, budget: int, backend=None, extra=(), rescore_top=0) -> dict:
     """A real search run on the tiny model, laid out on disk exactly as ``selfprune search`` does."""
     parser = argparse.ArgumentParser()
     add_search_parser(parser.add_subparsers())
@@ -71,18 +71,26 @@ def run_search(tiny, run_dir: Path, operator: str, budget: int, backend=None, ex
         save_pruned(pruned, tiny["tokenizer"], Path(directory) / "model", overwrite=True)
         return {"path": str(Path(directory) / "model"), "achieved_rate": report.achieved_rate}
 
+    finer = PerplexityEvaluator(tiny["tokenizer"], str(tiny["text"]), "test", 32, 8, 8)
+
+    def rescore(rates):
+        result = finer(pruner.build(rates)[0])
+        return {"fitness": result["ppl"], "tokens": result["tokens"]}
+
     space = SearchSpace(pruner.layer_params, config["target"], config["bounds"])
-    problem = SearchProblem(pruner.layer_params, fitness, achieved=pruner.achieved, finalize=finalize)
+    problem = SearchProblem(pruner.layer_params, fitness, achieved=pruner.achieved, finalize=finalize,
+                            rescore=rescore)
     op = build_operator(config, space, problem, run_dir, backend)
     seeds = [] if operator == "llm" else [Proposal(space.uniform(), "seed:uniform")]
-    return SearchRunner(run_dir, space, problem, op, RunSettings(budget, config["population"], config["seed"]),
-                        seeds=seeds, progress=False).run()
+    settings = RunSettings(budget, config["population"], config["seed"], rescore_top=rescore_top)
+    return SearchRunner(run_dir, space, problem, op, settings, seeds=seeds, progress=False).run()
 
 
 def test_report_of_an_evolution_run_with_ppl_and_speed(tiny, tmp_path, capsys):
     run = tmp_path / "run"
-    summary = run_search(tiny, run, "evolution", budget=7)
+    summary = run_search(tiny, run, "evolution", budget=7, rescore_top=3)
     assert summary["evaluations"] == 7 and (run / "model" / "config.json").is_file()
+    assert len(summary["rescore"]["candidates"]) == 3
     # results measured afterwards, saved in the run folder under the documented names
     assert main(["ppl", "--model", str(run / "model"), "--dataset", str(tiny["text"]), "--seq-len", "32",
                  "--out", str(run / "ppl.json")]) == 0
@@ -100,6 +108,9 @@ def test_report_of_an_evolution_run_with_ppl_and_speed(tiny, tmp_path, capsys):
         assert (out / png).read_bytes().startswith(PNG) and (out / png).stat().st_size > 5000
     text = (out / "report.md").read_text()
     assert f"{summary['best_fitness']:.6g}" in text and f"eval #{summary['best_index']}" in text
+    rescored = summary["rescore"]
+    assert (f"top 3: best {rescored['best_rescored_fitness']:.6g} (cheap winner was eval "
+            f"#{rescored['cheapest_winner_index']})") in text
     assert "![per-layer rates](rates.png)" in text and "![fitness over evaluations](fitness.png)" in text
     best = json.loads((run / "best.json").read_text())
     assert all(f"| {i} | {r:.4f} |" in text for i, r in enumerate(best["rates"]))  # the per-layer table

@@ -197,6 +197,10 @@ def summary_section(run: dict, best: dict) -> str:
                  ["seconds per evaluation", f"{summary.get('seconds_per_eval', 0):.3f}"],
                  ["cache hits (same model proposed again)", summary.get("cache_hits")],
                  ["repairs to the constraint", summary.get("repairs")]]
+    rescore = summary.get("rescore")
+    if rescore:
+        rows.append(["re-scored on more tokens", f"top {rescore['top']}: best {_g(rescore['best_rescored_fitness'])} "
+                                                 f"(cheap winner was eval #{rescore['cheapest_winner_index']})"])
     model = summary.get("model") or {}
     if model.get("path"):
         rows.append(["pruned model", f"`{model['path']}` (achieved rate {_g(model.get('achieved_rate'), 4)})"])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import SelfpruneError
 from ..io import atomic_write_json
-from .runner import (CONFIG, MODEL_DIR, SUMMARY, RunSettings, SearchProblem, SearchRunner, create_run_dir,
+from .llm_operator import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
+from .runner import (CONFIG, MODEL_DIR, RESCORE, SUMMARY, RunSettings, SearchProblem, SearchRunner, create_run_dir,
                      format_summary, load_run_config)
 from .space import DEFAULT_BOUNDS, SearchSpace, parse_bounds
 
@@ -23,6 +24,7 @@ SEED_HEURISTICS = ("uniform", "owl")
 # Self-Pruner's setting: population 30 + 20 iterations x (10 crossovers + 10 mutations).
 DEFAULT_BUDGET = 430
 DEFAULT_POPULATION = 30
+DEFAULT_RESCORE_WINDOWS = 64
 DEFAULT_OFFSPRING = 20
 CONFIG_VERSION = 1
 
@@ -87,6 +89,11 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--fitness-windows", type=int, default=16, help="number of seq-len windows scored per candidate")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per window (fitness and calibration)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    g.add_argument("--rescore-top", type=int, default=None,
+                   help="multi-fidelity: at the end, score the N best candidates again on --rescore-windows "
+                        "and keep the best of those (default 0: off; may be changed on --resume)")
+    g.add_argument("--rescore-windows", type=int, default=None,
+                   help=f"windows of the same validation split for re-scoring (default {DEFAULT_RESCORE_WINDOWS})")
     g = p.add_argument_group("search")
     g.add_argument("--operator", default="llm", choices=OPERATORS,
                    help="llm: Self-Pruner; evolution: EvoPress-style without LLM; random; owl; uniform")
@@ -116,7 +123,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--llm-max-tokens", type=int, default=None,
                    help="answer length limit (default: 8 per layer + 128, at least 256)")
     g.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per LLM request")
-    g.add_argument("--prompt-version", default="v1", help="prompt templates selfprune/prompts/<version>_*.txt")
+    g.add_argument("--prompt-version", default=DEFAULT_PROMPT_VERSION, choices=PROMPT_VERSIONS,
+                   help="prompt templates selfprune/prompts/<version>_*.txt (default %(default)s)")
     p.set_defaults(func=run_search_command)
     return p
 
@@ -164,8 +172,9 @@ def build_config(args) -> dict:
     for option, value, low in (("--population", args.population, 1), ("--offspring", args.offspring, 1),
                                ("--fitness-windows", args.fitness_windows, 1), ("--seq-len", args.seq_len, 2),
                                ("--batch-size", args.batch_size, 1), ("--calib-samples", args.calib_samples, 1),
-                               ("--llm-retries", args.llm_retries, 0), ("--tournament", args.tournament, 1)):
-        if value < low:
+                               ("--llm-retries", args.llm_retries, 0), ("--tournament", args.tournament, 1),
+                               ("--rescore-top", args.rescore_top, 0), ("--rescore-windows", args.rescore_windows, 1)):
+        if value is not None and value < low:
             raise SelfpruneError(f"{option} {value} is too small: use at least {low}")
     if args.budget is not None and args.budget < 1:
         raise SelfpruneError(f"--budget {args.budget} is too small: use at least 1 evaluation")
@@ -207,6 +216,7 @@ def build_config(args) -> dict:
         },
         "fitness": {"kind": args.fitness, "dataset": args.fitness_dataset, "split": "validation",
                     "windows": args.fitness_windows, "seq_len": args.seq_len, "batch_size": args.batch_size},
+        "rescore": _rescore_settings(None, args),
         "calibration": {"source": args.calib_dataset, "num_samples": args.calib_samples, "seq_len": args.seq_len,
                         "seed": args.seed},
         "data_dir": args.data_dir,
@@ -269,12 +279,13 @@ def build_operator(config: dict, space: SearchSpace, problem: SearchProblem, run
     raise SelfpruneError(f"unknown operator {name!r}: use one of {', '.join(OPERATORS)}")
 
 
-def _make_fitness(pruner, config: dict):
+def _make_fitness(pruner, config: dict, windows: int | None = None):
+    """The search's fitness; ``windows`` overrides the window count (the multi-fidelity re-scoring)."""
     from .fitness import make_fitness
 
     f = config["fitness"]
     return make_fitness(pruner, kind=f["kind"], dataset=f["dataset"], split=f["split"], seq_len=f["seq_len"],
-                        max_windows=f["windows"], batch_size=f["batch_size"], data_dir=config["data_dir"])
+                        max_windows=windows or f["windows"], batch_size=f["batch_size"], data_dir=config["data_dir"])
 
 
 def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: bool = True) -> dict:
@@ -290,6 +301,7 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     pruner = Pruner(model, tokenizer, criterion=config["criterion"], calibration=calibration, progress=progress,
                     gqa_policy=config["gqa_policy"], structure=config["structure"])
     fitness = _make_fitness(pruner, config)
+    rescore = config.get("rescore") or {"top": 0, "windows": 0}  # runs made before multi-fidelity have none
     space = SearchSpace(pruner.layer_params, config["target"], config["bounds"])
 
     def finalize(rates, directory: Path) -> dict:
@@ -306,6 +318,7 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
         achieved=pruner.achieved,
         outlier_ratios=lambda: pruner.outlier_ratios(config["owl"]["m"]),
         finalize=finalize if save_model else None,
+        rescore=_make_fitness(pruner, config, rescore["windows"]) if rescore["top"] else None,
     )
     backend = None
     if config["operator"] == "llm":
@@ -318,7 +331,8 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     population = config["population"]
     if config["operator"] in ("uniform", "owl"):
         population = max(1, len(getattr(operator, "_proposals", [])))
-    settings = RunSettings(budget=config["budget"], population=population, seed=config["seed"])
+    settings = RunSettings(budget=config["budget"], population=population, seed=config["seed"],
+                           rescore_top=rescore["top"])
     seeds = build_seeds(config["seed_population"], space, problem, config["owl"])
     runner = SearchRunner(run_dir, space, problem, operator, settings, seeds=seeds, progress=progress)
     summary = runner.run()
@@ -329,11 +343,26 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     return summary
 
 
-def apply_resume_overrides(config: dict, args) -> bool:
-    """The few settings a resumed run may change: its budget and where the LLM server is now.
+def _rescore_settings(current: dict | None, args) -> dict:
+    """Multi-fidelity settings: the options given, else the run's current ones, else the defaults."""
+    current = current or {"top": 0, "windows": DEFAULT_RESCORE_WINDOWS}
+    top = current["top"] if args.rescore_top is None else args.rescore_top
+    windows = current["windows"] if args.rescore_windows is None else args.rescore_windows
+    for option, value, low in (("--rescore-top", top, 0), ("--rescore-windows", windows, 1)):
+        if value < low:
+            raise SelfpruneError(f"{option} {value} is too small: use at least {low}")
+    return {"top": top, "windows": windows}
 
-    Neither changes what was evaluated; returns whether the config changed."""
+
+def apply_resume_overrides(config: dict, args) -> bool:
+    """The few settings a resumed run may change: its budget, where the LLM server is now, and the final
+    re-scoring of its best candidates.
+
+    None changes what was evaluated; returns whether the config changed."""
     changed = False
+    rescore = _rescore_settings(config.get("rescore"), args)
+    if rescore != config.get("rescore"):
+        config["rescore"], changed = rescore, True
     if args.budget is not None:
         if args.budget < 1:
             raise SelfpruneError(f"--budget {args.budget} is too small: use at least 1 evaluation")
@@ -352,7 +381,10 @@ def run_search_command(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         config = load_run_config(run_dir)
+        old_windows = (config.get("rescore") or {}).get("windows")
         if apply_resume_overrides(config, args):
+            if config["rescore"]["windows"] != old_windows:  # earlier re-scores used other windows
+                (run_dir / RESCORE).unlink(missing_ok=True)
             atomic_write_json(run_dir / CONFIG, config)
         print(f"resuming {run_dir} with its saved settings ({run_dir / 'config.json'})", file=sys.stderr)
     else:

@@ -4,9 +4,11 @@ Every reply is classified before use:
 
 * ``valid``: a list of the right length of finite numbers that already satisfies the constraint up to
   :data:`VALID_TOLERANCE` (LLMs write 3 decimals, so their mean is rarely exact);
-* ``repaired``: usable numbers that the repair step had to move further (out of bounds, wrong mean,
-  percentages instead of fractions);
-* ``unusable``: no JSON, wrong length, non-numeric or non-finite entries.
+* ``repaired``: usable numbers that the repair step had to move further (outside the search bounds but
+  still fractions, wrong mean, percentages instead of fractions);
+* ``unusable``: no JSON, wrong length, non-numeric or non-finite entries, or a value that is no rate at all
+  (outside [0, 1] once percentages are converted). Projecting such a reply onto the constraint would always
+  give *some* candidate, but it would be the repair's choice, not the LLM's, so it must not count as one.
 
 An unusable reply (or one that repeats an evaluated candidate, counted as ``duplicate``) is retried with
 the reason appended to the conversation, up to ``retries`` times; then the numeric operator
@@ -42,11 +44,15 @@ from .operators import (
 from .space import SearchSpace
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-PROMPT_VERSIONS = ("v1",)
+# v2 puts what stays the same between consecutive calls first (the candidates so far, the best candidate),
+# so that prefix caches (llama.cpp, vLLM, OpenAI prompt caching) skip most of each prompt.
+PROMPT_VERSIONS = ("v1", "v2")
+DEFAULT_PROMPT_VERSION = "v2"
 VALID_TOLERANCE = 1e-3
 VALID, REPAIRED, UNUSABLE, DUPLICATE = "valid", "repaired", "unusable", "duplicate"
-# Shown in the initial-population prompt: enough to steer diversity without a huge prompt.
-MAX_EXISTING_SHOWN = 12
+# Candidates shown in the initial-population prompt (v1 showed the 12 latest; v2 all of them up to this cap,
+# so that each prompt extends the previous one and a prefix cache skips it).
+MAX_EXISTING_SHOWN = {"v1": 12, "v2": 32}
 
 
 @dataclass
@@ -85,9 +91,14 @@ def classify_rates(text: str, space: SearchSpace, tolerance: float = VALID_TOLER
     if not np.all(np.isfinite(x)):
         return Classified(UNUSABLE, None, "every rate must be a finite number")
     notes = []
-    if x.mean() > 1.0 and x.min() >= 0.0 and x.max() <= 100.0:  # "30" meaning 30 %, not one stray 1.2
+    if x.mean() > 1.0 and x.min() >= 0.0 and x.max() <= 100.0:  # "30" meaning 30 %
         x = x / 100.0
         notes.append("percentages converted to fractions")
+    outside = np.flatnonzero((x < 0.0) | (x > 1.0))
+    if outside.size:
+        i = int(outside[0])
+        return Classified(UNUSABLE, None, f"rate {values[i]:g} of layer {i} is not a fraction between 0 and 1 "
+                                          f"({outside.size} such rates)")
     repair = space.repair(x)
     if not notes and repair.max_abs <= tolerance:
         return Classified(VALID, [float(v) for v in x], "")
@@ -167,19 +178,28 @@ def selection_schema(n_pairs: int, n_mutations: int) -> dict:
 
 
 class PromptSet:
-    """The versioned prompt templates (``selfprune/prompts/<version>_<name>.txt``), filled with $fields."""
+    """The versioned prompt templates (``selfprune/prompts/<version>_<name>.txt``), filled with $fields.
+
+    A version holds only the templates it changes; the others come from the newest earlier version, so a
+    recorded run keeps its exact prompts while later versions evolve.
+    """
 
     NAMES = ("system", "initial", "select", "crossover", "mutate", "retry")
 
-    def __init__(self, version: str = "v1", directory: Path = PROMPTS_DIR):
+    def __init__(self, version: str = DEFAULT_PROMPT_VERSION, directory: Path = PROMPTS_DIR):
         from ..errors import SelfpruneError
 
+        if version not in PROMPT_VERSIONS:
+            raise SelfpruneError(f"unknown prompt version {version!r}: use one of {', '.join(PROMPT_VERSIONS)}")
         self.version = version
-        self.templates = {}
+        lineage = PROMPT_VERSIONS[: PROMPT_VERSIONS.index(version) + 1][::-1]  # newest first
+        self.templates, self.paths = {}, {}
         for name in self.NAMES:
-            path = directory / f"{version}_{name}.txt"
-            if not path.is_file():
-                raise SelfpruneError(f"prompt template {path} is missing: use --prompt-version v1")
+            path = next((p for v in lineage if (p := directory / f"{v}_{name}.txt").is_file()), None)
+            if path is None:
+                raise SelfpruneError(f"prompt template {name!r} of version {version} is missing in {directory}: "
+                                     "reinstall selfprune")
+            self.paths[name] = path
             self.templates[name] = Template(path.read_text(encoding="utf-8"))
 
     def render(self, name: str, **fields) -> str:
@@ -192,7 +212,8 @@ class LLMOperator(Operator):
     name = "llm"
 
     def __init__(self, backend, space: SearchSpace, *, log_dir: str | Path | None = None, n_crossover: int = 10,
-                 n_mutation: int = 10, retries: int = 2, prompt_version: str = "v1", temperature: float = 0.7,
+                 n_mutation: int = 10, retries: int = 2, prompt_version: str = DEFAULT_PROMPT_VERSION,
+                 temperature: float = 0.7,
                  max_tokens: int | None = None, fallback_step: float = 0.02, tournament_size: int = 3):
         self.backend = backend
         self.space = space
@@ -297,7 +318,7 @@ class LLMOperator(Operator):
             claim(s.rates)
         count = max(0, n - len(seeds))
         for k in range(count):
-            shown = proposals[-MAX_EXISTING_SHOWN:]
+            shown = proposals[-MAX_EXISTING_SHOWN[self.prompts.version]:]
             existing = "\n".join(_fmt_rates(self.space.repair(p.rates).rates) for p in shown) or "(none yet)"
             messages = self._messages("initial", index=k + 1, count=count, existing=existing)
 

@@ -7,6 +7,7 @@ Run directory::
                       fsynced *before* any of them is evaluated
     journal.jsonl     one record per evaluated candidate, fsynced right after its evaluation
     llm/calls.jsonl   every LLM prompt and response (LLM operator only)
+    rescore.jsonl     multi-fidelity: the top candidates re-scored on more tokens at the end (if asked)
     best.json         best candidate so far; summary.json and model/ when the search finished
 
 Resume replays the loop from the start: a batch found in proposals.jsonl is reused instead of being
@@ -18,6 +19,11 @@ of the run continues exactly as an uninterrupted one would.
 Budget: ``budget`` counts real evaluations (distinct models, as in the paper's ~430). A candidate whose
 pruned model was already evaluated (same head/channel counts per layer) is answered from the cache and
 does not use the budget; it is counted as a cache hit.
+
+Multi-fidelity (``rescore_top`` > 0): the search ranks candidates by a cheap fitness (few tokens); at the end
+the ``rescore_top`` best are scored again by ``problem.rescore`` (more tokens of the same split), and the
+best of those is the result. The minimum of many noisy scores is biased low, so the cheap winner is often
+not the truly best candidate; re-scoring a few costs little next to the search.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ JOURNAL = "journal.jsonl"
 PROPOSALS = "proposals.jsonl"
 BEST = "best.json"
 SUMMARY = "summary.json"
+RESCORE = "rescore.jsonl"
 MODEL_DIR = "model"
 LLM_COUNTERS = ("calls", "valid", "repaired", "unusable", "duplicates", "fallbacks", "prompt_tokens",
                 "completion_tokens")
@@ -52,7 +59,8 @@ class SearchProblem:
     ``evaluate(rates)`` returns at least ``{"fitness": float}`` (lower is better; may add "tokens",
     "seconds", "forward_seconds"). ``achieved(rates)`` gives the fractions really removed after rounding
     to whole heads/channels; it defines when two candidates are the same model. ``finalize(rates, run_dir)``
-    saves the best pruned model and returns facts for the summary.
+    saves the best pruned model and returns facts for the summary. ``rescore(rates)`` is the higher-fidelity
+    fitness for multi-fidelity search (same return form as ``evaluate``).
     """
 
     layer_params: list[int]
@@ -60,6 +68,7 @@ class SearchProblem:
     achieved: Callable[[list[float]], list[float]] | None = None
     outlier_ratios: Callable[[], list[float]] | None = None
     finalize: Callable[[list[float], Path], dict] | None = None
+    rescore: Callable[[list[float]], dict] | None = None
 
     def key(self, rates: Sequence[float]) -> tuple:
         if self.achieved is not None:
@@ -73,6 +82,7 @@ class RunSettings:
     population: int = 30
     seed: int = 0
     max_stale_iterations: int = 3
+    rescore_top: int = 0
 
 
 @dataclass
@@ -152,6 +162,10 @@ class SearchRunner:
             raise SelfpruneError(f"--budget {settings.budget} is too small: pass at least 1 evaluation")
         if settings.population < 1:
             raise SelfpruneError(f"--population {settings.population} is too small: pass at least 1")
+        if settings.rescore_top < 0:
+            raise SelfpruneError(f"--rescore-top {settings.rescore_top} is negative: pass 0 (off) or more")
+        if settings.rescore_top and problem.rescore is None:
+            raise SelfpruneError("--rescore-top needs a higher-fidelity fitness: pass --rescore-windows")
 
     # -- files ------------------------------------------------------------------------------------------
     @property
@@ -312,6 +326,26 @@ class SearchRunner:
             self._bar.update(1)
         return record
 
+    def _rescore(self) -> list[dict]:
+        """Score the ``rescore_top`` best candidates with the higher-fidelity fitness (journaled in
+        rescore.jsonl, so a killed run does not score them again)."""
+        path = self.run_dir / RESCORE
+        done = {r["index"]: r for r in read_jsonl(path)}
+        top = survivors(self.state.members, self.settings.rescore_top)
+        out = []
+        for member in top:
+            record = done.get(member.id)
+            if record is None:
+                started = time.perf_counter()
+                result = self.problem.rescore(list(member.rates))
+                record = {"index": member.id, "fitness": member.fitness,
+                          "rescored_fitness": _finite(result.get("fitness")),
+                          "tokens": int(result.get("tokens", 0) or 0),
+                          "seconds": float(result.get("seconds", 0.0) or (time.perf_counter() - started))}
+                append_jsonl(path, record)
+            out.append(record)
+        return out
+
     def _write_best(self, record: dict) -> None:
         atomic_write_json(self.run_dir / BEST, {
             "index": record["index"],
@@ -335,7 +369,12 @@ class SearchRunner:
         st = self.state
         if st.best is None:
             raise SelfpruneError("the search evaluated no candidate: check --budget and the operator")
-        best_record = st.records[st.best.id]
+        rescored = self._rescore() if self.settings.rescore_top else []
+        if rescored:
+            chosen = min(rescored, key=lambda r: (_finite(r["rescored_fitness"]), r["index"]))
+            best_record = st.records[chosen["index"]]
+        else:
+            best_record = st.records[st.best.id]
         self._write_best(best_record)
         llm: dict = {k: 0 for k in LLM_COUNTERS}
         llm["seconds"] = 0.0
@@ -353,8 +392,8 @@ class SearchRunner:
             "budget": self.settings.budget,
             "iterations": iterations,
             "stop_reason": stop_reason,
-            "best_index": st.best.id,
-            "best_fitness": st.best.fitness,
+            "best_index": best_record["index"],
+            "best_fitness": _finite(best_record["fitness"]),
             "best_operator": best_record["operator"],
             "uniform_fitness": uniform_fitness,
             "best_rates": best_record["rates"],
@@ -369,6 +408,15 @@ class SearchRunner:
             "llm": llm,
             "eval_tokens": int(sum(r.get("tokens", 0) for r in st.records)),
         }
+        if rescored:
+            summary["rescore"] = {
+                "top": self.settings.rescore_top,
+                "candidates": rescored,
+                "best_rescored_fitness": chosen["rescored_fitness"],
+                "cheapest_winner_index": st.best.id,
+                "seconds": float(sum(r["seconds"] for r in rescored)),
+                "tokens": int(sum(r["tokens"] for r in rescored)),
+            }
         if self.problem.finalize is not None:
             summary["model"] = self.problem.finalize(list(best_record["rates"]), self.run_dir)
         atomic_write_json(self.run_dir / SUMMARY, summary)
@@ -388,6 +436,10 @@ def format_summary(summary: dict) -> str:
         ("evaluations", f"{summary['evaluations']} / budget {summary['budget']} ({summary['stop_reason']})"),
         ("best fitness", f"{summary['best_fitness']:.6g} (eval #{summary['best_index']}, {summary['best_operator']})"),
     ]
+    rescore = summary.get("rescore")
+    if rescore:
+        rows.append(("re-scored", f"top {rescore['top']} on more tokens: best {rescore['best_rescored_fitness']:.6g} "
+                                  f"(cheap winner was eval #{rescore['cheapest_winner_index']})"))
     if summary.get("uniform_fitness") is not None:
         rows.append(("uniform fitness", f"{summary['uniform_fitness']:.6g}"))
     rows += [
