@@ -241,10 +241,12 @@ SPACE4 = SearchSpace([1, 1, 1, 1], 0.3, (0.0, 0.8))
     ('{"rates": [0.1, 0.1, 0.1, 0.1]}', "repaired"),          # wrong mean
     ('{"rates": [0.0, 0.9, 0.3, 0.0]}', "repaired"),          # above the bound
     ('{"rates": [20, 30, 40, 30]}', "repaired"),              # percentages
-    ('{"rates": [0.0, 0.0, 1.2, 0.0]}', "unusable"),          # 1.2 is no fraction of a layer
+    ('{"rates": [0.2, 0.3, 1.2, 0.3]}', "unusable"),          # 1.2 is no fraction of a layer
     ('{"rates": [0.3, 2.5e15, 0.3, 0.3]}', "unusable"),       # absurd: projecting it would be the repair's pick
     ('{"rates": [0.5, -0.2, 0.4, 0.3]}', "unusable"),         # negative
     ('{"rates": [0.3, 279.5, 21.6, 17.3]}', "unusable"),      # neither fractions nor percentages
+    ('{"rates": [30.1, 0.26, 0.35, 0.29]}', "unusable"),      # fractions with one stray value, not percentages
+    ('{"rates": [0, 30, 60, 30]}', "repaired"),               # percentages with an unpruned layer
     ('{"rates": [0.2, 0.3, 0.4]}', "unusable"),               # wrong length
     ('{"rates": [0.2, "high", 0.4, 0.3]}', "unusable"),       # non-numeric
     ('{"rates": [0.2, NaN, 0.4, 0.3]}', "unusable"),          # not finite

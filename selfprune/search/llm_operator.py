@@ -91,7 +91,7 @@ def classify_rates(text: str, space: SearchSpace, tolerance: float = VALID_TOLER
     if not np.all(np.isfinite(x)):
         return Classified(UNUSABLE, None, "every rate must be a finite number")
     notes = []
-    if x.mean() > 1.0 and x.min() >= 0.0 and x.max() <= 100.0:  # "30" meaning 30 %
+    if 1.0 < x.max() <= 100.0 and np.all((x == 0.0) | (x >= 1.0)):  # "30" meaning 30 %; not [0.2, 30, 0.3]
         x = x / 100.0
         notes.append("percentages converted to fractions")
     outside = np.flatnonzero((x < 0.0) | (x > 1.0))
