@@ -80,15 +80,17 @@ def main() -> None:
     args = parser.parse_args()
     server = None
     if args.llm_server:
+        import atexit
         import os
         import sys
         import tempfile
 
         sys.path.insert(0, str(RUNS.parents[1] / "tests"))
-        from llama_server import default_gguf, start_llama_server
+        from llama_server import default_gguf, start_llama_server, stop_server
 
-        _process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192,
+        process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192,
                                                n_threads=args.llm_threads)
+        atexit.register(stop_server, process)
         os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
     _, tokenizer = load_model("default")
     test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
