@@ -88,8 +88,8 @@ def main() -> None:
              f"replayed with their seeds, temperature {config['llm']['temperature']}, at most "
              f"{config['llm']['max_tokens']} new tokens, the search's JSON schema requested (llama.cpp enforces it "
              "with a grammar; transformers cannot, so its replies are parsed leniently, as in a search). "
-             f"{args.threads} threads each, same machine, one after the other. llama.cpp keeps the previous prompt's "
-             "prefix (the system prompt here); transformers recomputes it.", "",
+             f"{args.threads} threads each, same machine, one after the other. Both backends keep the previous call's "
+             "keys/values and compute only what follows the shared prefix (here the system prompt).", "",
              "| backend | calls | mean prompt tokens | mean new tokens | mean s/call | new tokens/s | valid/repaired/unusable |",
              "|---|---|---|---|---|---|---|"]
     summary = {}

@@ -6,6 +6,17 @@ Fitness: perplexity on WikiText-2 *validation* windows; the final number is Wiki
 Results are appended run by run (a long benchmark that is stopped keeps what it finished).
 
     python bench/bench_search.py [--rates 0.3,0.2,0.5] [--budget 100] [--operators uniform,owl,random,evolution,llm]
+
+The committed results came from (parallel runs write their own --name, then --merge folds them in):
+
+    python bench/bench_search.py --fitness-windows 6 --operators uniform,owl,random,evolution
+    python bench/bench_search.py --fitness-windows 6 --operators random,evolution --rates 0.5 --budget 430 --name search-430
+    python bench/bench_search.py --fitness-windows 6 --operators llm --llm-server --llm-threads 1 --llm-retries 0 \
+        --rates 0.2 --name search-llm          # likewise 0.5 (also --budget 430) and 0.3 (--name search-llm-30)
+    python bench/bench_search.py --fitness-windows 6 --merge search-430,search-llm,search-llm-30
+
+A larger budget continues the finished smaller run of the same operator, rate and seed (its first evaluations
+are that run's), so the 430-evaluation rows extend the 100-evaluation ones.
 """
 from __future__ import annotations
 

@@ -256,3 +256,26 @@ def test_model_without_chat_template_cannot_be_self(smollm2):
             make_backend("self", self_model=model, self_tokenizer=tokenizer)
     finally:
         tokenizer.chat_template = saved
+
+
+@pytest.mark.integration
+def test_self_backend_reuses_the_prompt_prefix_it_shares_with_the_last_call(smollm2):
+    """Like llama.cpp's server: a prompt that starts like the previous one only computes its new tokens, and
+    the reply is the one a backend without the cache gives."""
+    model, tokenizer = smollm2
+    system = {"role": "system", "content": "You list numbers. " * 20}
+    first = [system, {"role": "user", "content": "Candidates so far:\n[0.1, 0.2]\n\nPropose one more."}]
+    second = [system, {"role": "user", "content": "Candidates so far:\n[0.1, 0.2]\n[0.3, 0.4]\n\nPropose one more."}]
+    ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in (first, second)]
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert shared > 100  # the system prompt and the first candidate
+
+    cached = TransformersChatBackend(model, tokenizer, name="self")
+    cached.complete(first, max_tokens=4, temperature=0)
+    assert cached.reused_tokens == 0
+    reply = cached.complete(second, max_tokens=6, temperature=0)
+    assert cached.reused_tokens >= shared
+    fresh = TransformersChatBackend(model, tokenizer, name="self", prefix_cache=False)
+    assert reply.text == fresh.complete(second, max_tokens=6, temperature=0).text
+    assert reply.prompt_tokens == len(ids[1])  # usage still counts the whole prompt
+    assert fresh.reused_tokens == 0

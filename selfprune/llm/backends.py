@@ -300,9 +300,13 @@ class TransformersChatBackend:
 
     No JSON enforcement is possible without constrained decoding, so ``structured`` is always False
     and callers parse the reply leniently. Token counts are exact: they are counted on the tensors.
+
+    Like llama.cpp's server, it keeps the key/value cache of the previous call and reuses the part of the new
+    prompt that starts the same way (the system prompt, the candidates listed so far), so only the new tokens
+    are computed: the search's prompts are written to share long prefixes.
     """
 
-    def __init__(self, model, tokenizer, name: str):
+    def __init__(self, model, tokenizer, name: str, prefix_cache: bool = True):
         if not getattr(tokenizer, "chat_template", None):
             raise SelfpruneError(
                 f"{name} has no chat template, so it cannot run the search's LLM operators: "
@@ -311,6 +315,10 @@ class TransformersChatBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.prefix_cache = prefix_cache
+        self._cached_ids = None  # the tokens whose keys/values self._cache holds
+        self._cache = None
+        self.reused_tokens = 0  # prompt tokens taken from the cache over all calls (for the record)
 
     def __repr__(self) -> str:
         return f"TransformersChatBackend(name={self.name!r})"
@@ -337,6 +345,11 @@ class TransformersChatBackend:
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id
         settings = dict(max_new_tokens=max_tokens, pad_token_id=pad_id)
+        if self.prefix_cache:
+            settings["return_dict_in_generate"] = True
+            past = self._take_cache(inputs["input_ids"][0])
+            if past is not None:
+                settings["past_key_values"] = past
         if temperature > 0:
             settings.update(do_sample=True, temperature=float(temperature))
         else:
@@ -354,7 +367,15 @@ class TransformersChatBackend:
                 output = self.model.generate(**inputs, **settings)
         finally:
             self.model.train(was_training)
-        new_tokens = output[0, prompt_tokens:]
+        if self.prefix_cache:
+            sequence = output.sequences[0]
+            past = output.past_key_values
+            if past is not None and past.get_seq_length() > 0:
+                # the cache covers every token but the last one generated
+                self._cache, self._cached_ids = past, sequence[: past.get_seq_length()].clone()
+        else:
+            sequence = output[0]
+        new_tokens = sequence[prompt_tokens:]
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
         return ChatResult(
             text=text,
@@ -364,6 +385,22 @@ class TransformersChatBackend:
             structured=False,
             model=getattr(getattr(self.model, "config", None), "_name_or_path", "") or self.name,
         )
+    def _take_cache(self, ids):
+        """The previous call's cache cropped to the prefix it shares with ``ids`` (leaving at least one token
+        to run), or None. Either way the backend forgets it: generate() extends it in place."""
+        past, cached_ids, self._cache, self._cached_ids = self._cache, self._cached_ids, None, None
+        if past is None:
+            return None
+        n = min(len(cached_ids), len(ids) - 1)
+        differs = (cached_ids[:n].to(ids.device) != ids[:n]).nonzero()
+        shared = int(differs[0, 0]) if len(differs) else max(n, 0)
+        if shared == 0:
+            return None
+        surplus = past.get_seq_length() - shared
+        if surplus > 0:
+            past.crop(-surplus)  # a negative count removes that many tokens (transformers 4.x and 5.x)
+        self.reused_tokens += shared
+        return past
 
 
 def make_backend(
