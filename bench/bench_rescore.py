@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--results", default="search", help="comma list of bench/results/<name>.json to take runs from")
     parser.add_argument("--test-windows", type=int, default=80)
+    parser.add_argument("--gqa-policy", default="group", help="only runs with this GQA policy")
     args = parser.parse_args()
     _, tokenizer = load_model("default")
     test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
@@ -55,6 +56,8 @@ def main() -> None:
     sources = [r for name in args.results.split(",") for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]]
     for source in sources:
         if source["evaluations"] <= 1 or source["run_dir"] in done:
+            continue
+        if source.get("gqa_policy", args.gqa_policy) != args.gqa_policy:
             continue
         start = time.time()
         copy = rescored_copy(BENCH / source["run_dir"], args.top, args.windows)

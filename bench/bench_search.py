@@ -112,6 +112,9 @@ def main() -> None:
         for name in args.merge.split(","):
             for row in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
                 row.setdefault("gqa_policy", gqa_of(row))
+                if "best_operator" not in row:
+                    summary = json.loads((RUNS.parent / row["run_dir"] / "summary.json").read_text())
+                    row["best_operator"] = summary["best_operator"]
                 if "best_valid_at_30" not in row:
                     enough = row["evaluations"] >= 30
                     row["best_valid_at_30"] = best_at(RUNS.parent / row["run_dir"], 30) if enough else None
@@ -142,6 +145,7 @@ def main() -> None:
                          f"{config['llm']['retries']} retries)")
             rows.append({
                 "operator": label, "target": target, "budget": budget, "gqa_policy": config["gqa_policy"],
+                "best_operator": summary["best_operator"],
                 "best_valid_at_30": best_at(run, 30) if summary["evaluations"] >= 30 else None,
                 "evaluations": summary["evaluations"], "best_fitness_valid_ppl": summary["best_fitness"],
                 "test_ppl": test_ppl, "search_wall_seconds": summary["wall_seconds"],
@@ -173,9 +177,14 @@ def save(rows: list, args, test) -> None:
              f"Reported: WikiText-2 test perplexity of the saved best model, first {test.settings['windows']} windows "
              f"({test.settings['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first split; GQA "
              "policy per row), calibration C4 64 x 128, seed 0. eval/fwd = seconds per evaluation (build + score) over "
-             "the pruned forward pass alone. 'best valid @30 evals' compares operators on an equal budget of 30. LLM counts: valid / repaired / unusable / fallbacks.", "",
-             "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the pruned forward pass alone. 'best valid @30 evals' compares operators on an equal budget of 30. "
+             "'best from': the operator that proposed the best candidate (':fallback': the numeric operator filled a slot "
+             "whose LLM reply was unusable). LLM rows: SmolLM2's own weights (the GGUF the default model is converted "
+             "from) served by llama.cpp on loopback, 1 thread, temperature 0.7, JSON schema enforced by grammar; "
+             "prompt version and retries per row. LLM counts: valid / repaired / unusable / fallbacks. "
+             "A 430-evaluation row continues the 100-evaluation run of the same operator and rate.", "",
+             "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | best from | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["target"], gqa_of(r), r["operator"], r["budget"])):
         llm = r.get("llm") or {}
         counts = "/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "fallbacks")) if r["operator"].startswith("llm") else ""
@@ -183,7 +192,8 @@ def save(rows: list, args, test) -> None:
         gqa = gqa_of(r)
         at30 = f"{r['best_valid_at_30']:.2f}" if r.get("best_valid_at_30") else "n/a"
         lines.append(f"| {r['target']:.0%} | {r['operator']} | {gqa} | {r['budget']} | {r['evaluations']} | "
-                     f"{r['best_fitness_valid_ppl']:.2f} | {at30} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} | "
+                     f"{r['best_fitness_valid_ppl']:.2f} | {at30} | {r['test_ppl']:.2f} | {r.get('best_operator', 'n/a')} | "
+                     f"{r['search_wall_seconds']:.0f} | "
                      f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} |")
     write_results(args.name, {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test.settings,
                                                          "versions": versions()}}, "\n".join(lines))
