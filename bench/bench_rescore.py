@@ -6,7 +6,9 @@ scored again on N WikiText-2 validation windows, and the best of those saved. Re
 perplexity (the same 80 windows as the search benchmark) of the cheap winner and of the re-scored choice, and
 what the re-scoring cost. The test split is never used to choose.
 
-    python bench/bench_rescore.py [--top 5] [--windows 64] [--results search,search-llm,search-430]
+    python bench/bench_rescore.py [--top 5] [--windows 64] [--results search]
+
+The committed results: ``--top 5 --windows 32`` (the runs of bench/results/search.json).
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def main() -> None:
     for source in sources:
         if source["evaluations"] <= 1 or source["run_dir"] in done:
             continue
+        done.add(source["run_dir"])  # a run may be listed in several results files
         if source.get("gqa_policy", args.gqa_policy) != args.gqa_policy:
             continue
         start = time.time()
