@@ -16,7 +16,9 @@ The committed results came from (parallel runs write their own --name, then --me
     python bench/bench_search.py --fitness-windows 6 --merge search-430,search-llm,search-llm-30
 
 A larger budget continues the finished smaller run of the same operator, rate and seed (its first evaluations
-are that run's), so the 430-evaluation rows extend the 100-evaluation ones.
+are that run's), so the 430-evaluation rows extend the 100-evaluation ones. The LLM's 430-evaluation run was
+stopped at 210 by session time: its row comes from a copy finalized with `selfprune search --resume COPY
+--budget 210` and scored like the others; rerunning its command continues the original run to 430.
 """
 from __future__ import annotations
 

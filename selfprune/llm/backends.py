@@ -385,6 +385,7 @@ class TransformersChatBackend:
             structured=False,
             model=getattr(getattr(self.model, "config", None), "_name_or_path", "") or self.name,
         )
+
     def _take_cache(self, ids):
         """The previous call's cache cropped to the prefix it shares with ``ids`` (leaving at least one token
         to run), or None. Either way the backend forgets it: generate() extends it in place."""
