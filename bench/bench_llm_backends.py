@@ -35,11 +35,11 @@ def pick_calls(run: Path, per_kind: int) -> list[dict]:
     return [c for kind in KINDS for c in [c for c in calls if c["operator"] == kind][:per_kind]]
 
 
-def classify(call: dict, text: str, space: SearchSpace) -> str:
+def classify(call: dict, text: str, space: SearchSpace, config: dict) -> str:
     if call["operator"] == "select":
         ids = [int(line.split(":")[0][3:]) for line in call["messages"][-1]["content"].splitlines()
                if line.startswith("id ")]
-        return classify_selection(text, ids, 10, 10)[0]
+        return classify_selection(text, ids, config["crossovers"], config["mutations"])[0]
     return classify_rates(text, space).status
 
 
@@ -72,13 +72,14 @@ def main() -> None:
     try:
         for call in calls:
             for name, backend in backends.items():
-                schema = selection_schema(10, 10) if call["operator"] == "select" else rates_schema(space.num_layers)
+                schema = (selection_schema(config["crossovers"], config["mutations"]) if call["operator"] == "select"
+                          else rates_schema(space.num_layers))
                 result = backend.complete(call["messages"], json_schema=schema, max_tokens=config["llm"]["max_tokens"],
                                           temperature=config["llm"]["temperature"], seed=call["seed"])
                 rows.append({"backend": name, "operator": call["operator"], "structured": result.structured,
                              "prompt_tokens": result.prompt_tokens,
                              "completion_tokens": result.completion_tokens, "seconds": round(result.seconds, 2),
-                             "status": classify(call, result.text, space)})
+                             "status": classify(call, result.text, space, config)})
                 print(rows[-1], flush=True)
     finally:
         stop_server(process)

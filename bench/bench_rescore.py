@@ -30,9 +30,7 @@ BENCH = Path(__file__).resolve().parent
 def rescored_copy(run: Path, top: int, windows: int) -> Path:
     out = run.with_name(f"{run.name}-rescore{top}x{windows}")
     if not (out / "summary.json").is_file():
-        if out.exists():  # a killed earlier attempt: its rescore.jsonl is reused by the resume
-            (out / "summary.json").unlink(missing_ok=True)
-        else:
+        if not out.exists():  # else a killed earlier attempt: the resume reuses its rescore.jsonl
             shutil.copytree(run, out)
             (out / "summary.json").unlink()
         code = cli(["search", "--resume", str(out), "--rescore-top", str(top), "--rescore-windows", str(windows),

@@ -20,7 +20,7 @@ from .errors import SelfpruneError
 
 #: The GQA policy that lost less perplexity on SmolLM2-135M (bench/results/core.md): remove whole KV groups.
 DEFAULT_GQA_POLICY = "group"
-#: How a layer's rate is split between heads and MLP channels (bench/README.md compares them).
+#: How a layer's rate is split between heads and MLP channels (bench/results/core.md compares them).
 STRUCTURES = ("mlp_first", "proportional", "standardized")
 DEFAULT_STRUCTURE = "mlp_first"
 

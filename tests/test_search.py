@@ -309,16 +309,10 @@ def test_prompt_versions_inherit_unchanged_templates():
 def test_v2_initial_prompts_extend_each_other_for_prefix_caches():
     """Each initial-population prompt starts with the whole previous one's candidate list, so a prefix cache
     (llama.cpp, vLLM, OpenAI) only processes the new candidate and the closing instruction."""
-    backend = ScriptedBackend(good_answer)
-    op = LLMOperator(backend, SPACE4, prompt_version="v2", retries=0)
     seen = []
-    original = backend.complete
-
-    def recording(messages, **kwargs):
-        seen.append(messages[-1]["content"])
-        return original(messages, **kwargs)
-
-    backend.complete = recording
+    backend = ScriptedBackend(lambda kind, call, seed, m: seen.append(m[-1]["content"])
+                              or good_answer(kind, call, seed, m))
+    op = LLMOperator(backend, SPACE4, prompt_version="v2", retries=0)
     op.initial(6, np.random.default_rng(0), [Proposal(SPACE4.uniform(), "seed:uniform")])
     assert len(seen) == 5
     for before, after in zip(seen, seen[1:]):
@@ -414,6 +408,7 @@ def _parse(argv):
     ([], "--target is required"),
     (["--target", "0.3", "--budget", "0"], "--budget"),
     (["--target", "0.3", "--seed-population", "owl,best"], "--seed-population"),
+    (["--target", "0.3", "--rescore-top", "-1"], "--rescore-top -1 is too small"),
 ])
 def test_cli_rejects_bad_input_in_one_line(argv, needle, tmp_path):
     args = _parse(argv + ["--out", str(tmp_path / "x")])

@@ -54,7 +54,6 @@ def resolve_model_spec(spec: str | None) -> str:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file once and save it as a safetensors folder that loads in seconds."""
-
     from ..io import atomic_directory
 
     log.info("converting %s to safetensors in %s (once)", gguf_path, out_dir)

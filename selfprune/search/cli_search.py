@@ -172,9 +172,8 @@ def build_config(args) -> dict:
     for option, value, low in (("--population", args.population, 1), ("--offspring", args.offspring, 1),
                                ("--fitness-windows", args.fitness_windows, 1), ("--seq-len", args.seq_len, 2),
                                ("--batch-size", args.batch_size, 1), ("--calib-samples", args.calib_samples, 1),
-                               ("--llm-retries", args.llm_retries, 0), ("--tournament", args.tournament, 1),
-                               ("--rescore-top", args.rescore_top, 0), ("--rescore-windows", args.rescore_windows, 1)):
-        if value is not None and value < low:
+                               ("--llm-retries", args.llm_retries, 0), ("--tournament", args.tournament, 1)):
+        if value < low:
             raise SelfpruneError(f"{option} {value} is too small: use at least {low}")
     if args.budget is not None and args.budget < 1:
         raise SelfpruneError(f"--budget {args.budget} is too small: use at least 1 evaluation")
