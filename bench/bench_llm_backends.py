@@ -7,6 +7,14 @@ It explains why the search benchmark runs the self-operator through llama.cpp on
 per call with either backend. Replies are classified like the search does (valid / repaired / unusable).
 
     python bench/bench_llm_backends.py [--run bench/runs/llm-t0.2-b100-s0] [--per-kind 2] [--threads 2]
+
+With ``--usable`` it measures instead how many replies the search can use (issue 14, part 2): the real LLM
+operator, prompt version v2 (fractions, schema of plain numbers: "before") and v3 (whole percentages, schema of
+bounded integers: "after"), each driving a short search against SmolLM2 served by llama.cpp. The fitness is a
+synthetic perplexity-like function of the rates (no model is pruned: only the replies are measured), so the
+prompts have the form and size of a real search's; results go to ``results/llm_usable.{json,md}``.
+
+    python bench/bench_llm_backends.py --usable [--versions v2,v3] [--targets 0.3] [--budget 30] [--threads 2]
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import REPO, versions, write_results
 
@@ -43,12 +52,111 @@ def classify(call: dict, text: str, space: SearchSpace, config: dict) -> str:
     return classify_rates(text, space).status
 
 
+def synthetic_fitness(space: SearchSpace):
+    """A perplexity-like fitness with a known best allocation (ends of the stack pruned less), ~60 at best."""
+    n = space.num_layers
+    shape = 1.0 - 0.6 * np.exp(-np.arange(n) / 2.0) - 0.8 * np.exp(-(n - 1 - np.arange(n)) / 2.0)
+    best = np.asarray(space.repair(space.target * shape / np.mean(shape)).rates)
+
+    def evaluate(rates):
+        return {"fitness": float(60.0 * np.exp(8.0 * np.sum(space.weights * (np.asarray(rates) - best) ** 2)))}
+
+    return evaluate
+
+
+def usable_rates(args) -> None:
+    """Usable-reply rates of the LLM operator per prompt version (see the module docstring)."""
+    from selfprune.search import RunSettings, SearchProblem, SearchRunner
+    from selfprune.search.llm_operator import LLMOperator
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from llama_server import default_gguf, start_llama_server, stop_server
+
+    process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192,
+                                         n_threads=args.threads)
+    os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
+    rows = []
+    try:
+        for target in [float(t) for t in args.targets.split(",")]:
+            for version in args.versions.split(","):
+                backend = OpenAICompatibleBackend("smollm2", base_url=server.base_url,
+                                                  api_key_env="SELFPRUNE_BENCH_KEY", timeout=600)
+                space = SearchSpace([1] * 30, target, (0.0, 0.8))  # SmolLM2: 30 decoder layers of one size
+                run = Path(tempfile.mkdtemp()) / f"{version}-t{target:g}"
+                operator = LLMOperator(backend, space, log_dir=run / "llm", n_crossover=args.offspring // 2,
+                                       n_mutation=args.offspring - args.offspring // 2, retries=args.retries,
+                                       prompt_version=version, temperature=0.7)
+                problem = SearchProblem([1] * 30, synthetic_fitness(space))
+                summary = SearchRunner(run, space, problem, operator, RunSettings(
+                    budget=args.budget, population=args.population, seed=args.seed), progress=False).run()
+                calls = read_jsonl(run / "llm" / "calls.jsonl")
+                rate_calls = [c for c in calls if c["operator"] != "select"]
+                select_calls = [c for c in calls if c["operator"] == "select"]
+                llm = summary["llm"]
+                row = {
+                    "target": target, "prompt_version": version, "format_mode": backend.format_mode,
+                    "rate_calls": len(rate_calls),
+                    "rate_calls_usable": sum(c["status"] in ("valid", "repaired") for c in rate_calls),
+                    "rate_calls_duplicate": sum(c["status"] == "duplicate" for c in rate_calls),
+                    "rate_first_attempts": sum(c["attempt"] == 0 for c in rate_calls),
+                    "rate_first_attempts_usable": sum(c["attempt"] == 0 and c["status"] in ("valid", "repaired")
+                                                      for c in rate_calls),
+                    "slots": llm["valid"] + llm["repaired"] + llm["fallbacks"], "fallbacks": llm["fallbacks"],
+                    "select_calls": len(select_calls),
+                    "select_usable": sum(c["status"] in ("valid", "repaired") for c in select_calls),
+                    "select_valid": sum(c["status"] == "valid" for c in select_calls),
+                    "counts": llm, "sources": summary.get("sources"),
+                    "mean_seconds_per_call": llm["seconds"] / max(1, llm["calls"]),
+                    "mean_completion_tokens": llm["completion_tokens"] / max(1, llm["calls"]),
+                    "reasons": sorted({c["reason"] for c in calls if c["status"] == "unusable"})[:10],
+                }
+                rows.append(row)
+                print({k: v for k, v in row.items() if k not in ("counts", "reasons")}, flush=True)
+    finally:
+        stop_server(process)
+
+    def pct(a, b):
+        return f"{a}/{b} ({100 * a / b:.0f}%)" if b else "-"
+
+    lines = ["# Usable LLM replies: prompts v2 (before) vs v3 (after), SmolLM2-135M-Instruct (Q4_1) on llama.cpp", "",
+             f"Each row: one short search driven by the real LLM operator against llama-cpp-python's server "
+             f"({args.threads} threads), population {args.population}, {args.offspring} children per generation, "
+             f"budget {args.budget} evaluations, {args.retries} retries per slot, temperature 0.7, seed {args.seed}; "
+             "30 equal layers, bounds 0..0.8. The fitness is a synthetic perplexity-like function of the rates (only "
+             "the replies are measured here, no model is pruned). v2 asks for fractions under a schema of plain "
+             "numbers; v3 asks for whole percentages under a schema of exactly 30 integers within the bounds, which "
+             "the backend sends to this server as an enum (its grammar ignores minimum/maximum). Usable = valid or "
+             "repaired (the repair step still moves the mean onto the target); a duplicate is a usable reply that "
+             "repeats an evaluated candidate and is retried.", "",
+             "| target | prompts | JSON mode | rate replies usable | first attempts usable | duplicates | "
+             "slots filled by the numeric fallback | parent picks usable (valid) | s/call |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']:g} | {r['prompt_version']} | {r['format_mode']} | "
+                     f"{pct(r['rate_calls_usable'], r['rate_calls'])} | "
+                     f"{pct(r['rate_first_attempts_usable'], r['rate_first_attempts'])} | {r['rate_calls_duplicate']} | "
+                     f"{pct(r['fallbacks'], r['slots'])} | {pct(r['select_usable'], r['select_calls'])} "
+                     f"({r['select_valid']}) | {r['mean_seconds_per_call']:.1f} |")
+    lines += ["", "Reasons for unusable replies (first 10 distinct per row) are in `llm_usable.json`."]
+    write_results("llm_usable", {"rows": rows, "settings": vars(args), "versions": versions()}, "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", default=str(REPO / "bench" / "runs" / "llm-t0.2-b100-s0"))
     parser.add_argument("--per-kind", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads (the same for both)")
+    parser.add_argument("--usable", action="store_true", help="measure usable-reply rates per prompt version")
+    parser.add_argument("--versions", default="v2,v3")
+    parser.add_argument("--targets", default="0.3")
+    parser.add_argument("--budget", type=int, default=30)
+    parser.add_argument("--population", type=int, default=10)
+    parser.add_argument("--offspring", type=int, default=10)
+    parser.add_argument("--retries", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.usable:
+        return usable_rates(args)
     run = Path(args.run)
     config = json.loads((run / "config.json").read_text())
     torch.set_num_threads(args.threads)

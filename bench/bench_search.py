@@ -15,6 +15,14 @@ The committed results came from (parallel runs write their own --name, then --me
         --rates 0.2 --name search-llm          # likewise 0.5 (also --budget 430) and 0.3 (--name search-llm-30)
     python bench/bench_search.py --fitness-windows 6 --merge search-430,search-llm,search-llm-30
 
+`--regenerate` rebuilds a results file and its table from the stored rows alone (no run, no model): it is how
+the committed files got the LLM's duplicate replies under one counter, "duplicates" (the runs had counted them
+under "duplicate", which the tables did not read):
+
+    for name in search search-430 search-llm search-llm-30; do
+        python bench/bench_search.py --name $name --regenerate
+    done
+
 A larger budget continues the finished smaller run of the same operator, rate and seed (its first evaluations
 are that run's), so the 430-evaluation rows extend the 100-evaluation ones. The LLM's 430-evaluation run was
 stopped at 210 by session time: its row comes from a copy finalized with `selfprune search --resume COPY
@@ -33,6 +41,7 @@ from common import DATA_DIR, RESULTS, versions, write_results
 from selfprune.cli import main as cli
 from selfprune.models import load_model
 from selfprune.perplexity import PerplexityEvaluator
+from selfprune.search.runner import fold_llm_counts
 
 RUNS = Path(__file__).resolve().parent / "runs"
 
@@ -90,7 +99,12 @@ def main() -> None:
                         help="retries of an unusable LLM answer (the CLI's default is 2)")
     parser.add_argument("--llm-threads", type=int, default=2,
                         help="llama.cpp threads (the search waits on each call, so both cores are free then)")
+    parser.add_argument("--regenerate", action="store_true",
+                        help="only rebuild results/<name>.json and .md from the stored rows and settings")
     args = parser.parse_args()
+    if args.regenerate:
+        regenerate(args.name)
+        return
     server = None
     if args.llm_server:
         import atexit
@@ -106,7 +120,7 @@ def main() -> None:
         atexit.register(stop_server, process)
         os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
     _, tokenizer = load_model("default")
-    test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
+    test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR).settings
     results_file = RESULTS / f"{args.name}.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
     if args.merge:
@@ -173,23 +187,47 @@ def best_at(run: Path, evaluations: int) -> float:
     return min(r["fitness"] for r in journal[:evaluations])
 
 
-def save(rows: list, args, test) -> None:
+def regenerate(name: str) -> None:
+    """Rewrite ``results/<name>.json`` and ``.md`` from the stored rows: LLM counters under their current
+    names (duplicates were counted under "duplicate" by the runs), the table rebuilt by :func:`save`."""
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    rows = data["rows"]
+    # a parallel run's file may lack the fields that --merge added (from the run folders) to its merged copy
+    merged = {}
+    for path in sorted(RESULTS.glob("search*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            merged.setdefault(row["run_dir"], {}).update(row)
+    for row in rows:
+        if row.get("llm"):
+            row["llm"] = fold_llm_counts(row["llm"])
+        for key in ("gqa_policy", "best_operator", "best_valid_at_30"):
+            if key not in row and key in merged.get(row["run_dir"], {}):
+                row[key] = merged[row["run_dir"]][key]
+    settings = data["settings"]
+    save(rows, argparse.Namespace(name=name, fitness_windows=settings["fitness_windows"]), settings["test"],
+         settings.get("versions"))
+
+
+def save(rows: list, args, test: dict, versions_of_runs: dict | None = None) -> None:
+    """Write the rows and their table; ``test`` is the test-perplexity evaluator's settings."""
     lines = ["# Search benchmark: SmolLM2-135M, per-layer allocations on the same budget", "",
              f"Fitness: WikiText-2 validation perplexity, {args.fitness_windows} windows x 128 tokens per candidate. "
-             f"Reported: WikiText-2 test perplexity of the saved best model, first {test.settings['windows']} windows "
-             f"({test.settings['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first split; GQA "
+             f"Reported: WikiText-2 test perplexity of the saved best model, first {test['windows']} windows "
+             f"({test['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first split; GQA "
              "policy per row), calibration C4 64 x 128, seed 0. eval/fwd = seconds per evaluation (build + score) over "
              "the pruned forward pass alone. 'best valid @30 evals' compares operators on an equal budget of 30. "
              "'best from': the operator that proposed the best candidate (':fallback': the numeric operator filled a slot "
              "whose LLM reply was unusable). LLM rows: SmolLM2's own weights (the GGUF the default model is converted "
              "from) served by llama.cpp on loopback, 1 thread, temperature 0.7, JSON schema enforced by grammar; "
-             "prompt version and retries per row. LLM counts: valid / repaired / unusable / fallbacks. "
+             "prompt version and retries per row. LLM counts: valid / repaired / unusable / duplicates (a reply "
+             "repeating an evaluated candidate) / fallbacks. "
              "A 430-evaluation row continues the 100-evaluation run of the same operator and rate.", "",
-             "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | best from | search s | s/eval | eval/fwd | LLM v/r/u/fb |",
+             "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | best from | search s | s/eval | eval/fwd | LLM v/r/u/dup/fb |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["target"], gqa_of(r), r["operator"], r["budget"])):
         llm = r.get("llm") or {}
-        counts = "/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "fallbacks")) if r["operator"].startswith("llm") else ""
+        counts = ("/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "duplicates", "fallbacks"))
+                  if r["operator"].startswith("llm") else "")
         ratio = f"{r['eval_over_forward']:.3f}" if r.get("eval_over_forward") else "n/a"
         gqa = gqa_of(r)
         at30 = f"{r['best_valid_at_30']:.2f}" if r.get("best_valid_at_30") else "n/a"
@@ -197,8 +235,8 @@ def save(rows: list, args, test) -> None:
                      f"{r['best_fitness_valid_ppl']:.2f} | {at30} | {r['test_ppl']:.2f} | {r.get('best_operator', 'n/a')} | "
                      f"{r['search_wall_seconds']:.0f} | "
                      f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} |")
-    write_results(args.name, {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test.settings,
-                                                         "versions": versions()}}, "\n".join(lines))
+    write_results(args.name, {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test,
+                                                         "versions": versions_of_runs or versions()}}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -6,4 +6,5 @@ bash scripts/install.sh
 if [ -z "${SELFPRUNE_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   export SELFPRUNE_DATA_DIR="$(cd ../shared/data && pwd)"
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# -rs lists every skip with its reason; under CI=true a skip is a failure (tests/conftest.py).
+exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@"

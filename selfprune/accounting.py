@@ -56,6 +56,23 @@ class LayerGeometry:
         raise SelfpruneError(f"unknown GQA policy {policy!r}: use one of {', '.join(GQA_POLICIES)}")
 
 
+def describe_gqa_policy(geom: LayerGeometry, policy: str) -> str:
+    """What ``policy`` can remove from attention with this geometry, for the report (MQA makes it matter)."""
+    n, kv, g = geom.num_heads, geom.num_kv_heads, geom.group_size
+    if g == 1:
+        return f"{n} heads, each its own key-value head (MHA): both GQA policies remove whole heads"
+    if policy == "query":
+        return (f"gqa_policy 'query': all {kv} key-value head(s) stay; each layer loses the same number of query "
+                f"heads from every group of {g}")
+    if kv > 1:
+        return f"gqa_policy 'group': whole key-value groups go, each with its {g} query heads"
+    if any(n_q == 0 for n_q, _ in geom.attention_options(policy)):
+        return (f"gqa_policy 'group' with one key-value head (MQA): a layer keeps all {n} query heads or loses its "
+                "whole attention; gqa_policy 'query' removes query heads that share the key-value head")
+    return (f"gqa_policy 'group' with one key-value head (MQA): attention is never pruned (the only group is the "
+            f"whole attention), only MLP channels; gqa_policy 'query' removes query heads that share it")
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     num_heads: int

@@ -88,16 +88,30 @@ class _StopForward(Exception):
     pass
 
 
-def _capture_first_layer_inputs(adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int):
-    """Run the embeddings (and whatever precedes layer 0) and keep layer 0's positional and keyword inputs."""
-    first = adapter.layers()[0]
-    captured: list[tuple[tuple, dict]] = []
+def _capture_layer_inputs(adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int):
+    """Run the embeddings (and whatever precedes the layers) and keep, per batch, layer 0's positional inputs
+    and every layer's keyword inputs. Layers are skipped (passed through) meanwhile; each keeps its own
+    keywords because families with sliding-window and global layers (Gemma 2 / 3) give each kind its own
+    attention mask and rotary table."""
+    layers = list(adapter.layers())
+    captured: list[tuple[tuple, list[dict]]] = []
 
-    def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
+    def make_hook(index):
+        def hook(_module, args, kwargs):
+            if index == 0:
+                captured.append((args, []))
+            captured[-1][1].append(kwargs)
+            if index == len(layers) - 1:
+                raise _StopForward   # the final norm and LM head are not needed
+        return hook
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    def passthrough(hidden_states=None, *args, **kwargs):
+        return hidden_states
+
+    own_forwards = [layer.__dict__.get("forward") for layer in layers]   # e.g. accelerate's device hooks
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:
+        layer.forward = passthrough
     device = next(adapter.model.parameters()).device
     try:
         for start in range(0, input_ids.shape[0], batch_size):
@@ -106,7 +120,12 @@ def _capture_first_layer_inputs(adapter: ModelAdapter, input_ids: torch.Tensor, 
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for layer, own in zip(layers, own_forwards):
+            del layer.forward
+            if own is not None:
+                layer.forward = own
     return captured
 
 
@@ -129,12 +148,15 @@ def calibrate(model, tokenizer, adapter: ModelAdapter, config: CalibrationConfig
 
     source = load_text(config.source, config.split, config.data_dir)
     input_ids = calibration_batch(tokenizer, source, config.num_samples, config.seq_len, config.seed)
-    batches = _capture_first_layer_inputs(adapter, input_ids, config.batch_size)
-    hidden_states = [args[0] if args else kwargs.pop("hidden_states") for args, kwargs in batches]
-    layer_kwargs = [kwargs for _args, kwargs in batches]
+    batches = _capture_layer_inputs(adapter, input_ids, config.batch_size)
+    hidden_states = [args[0] if args else per_layer[0].pop("hidden_states") for args, per_layer in batches]
+    for _args, per_layer in batches:
+        for kwargs in per_layer:
+            kwargs.pop("hidden_states", None)
 
     results: list[LayerStats] = []
-    for layer in tqdm(adapter.layers(), desc="calibrating layers", disable=not progress, leave=False):
+    for layer_index, layer in enumerate(tqdm(adapter.layers(), desc="calibrating layers", disable=not progress,
+                                             leave=False)):
         attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
         stats = LayerStats(
             ChannelStats.zeros(attn.q.in_features), ChannelStats.zeros(attn.o.in_features),
@@ -142,12 +164,13 @@ def calibrate(model, tokenizer, adapter: ModelAdapter, config: CalibrationConfig
         )
         hooks = [
             module.register_forward_pre_hook(lambda _m, args, s=s: s.update(args[0]))
-            for module, s in ((attn.q, stats.attn_in), (attn.o, stats.o_in), (mlp.gate, stats.mlp_in), (mlp.down, stats.down_in))
+            for module, s in ((adapter.attention_input(layer), stats.attn_in), (attn.o, stats.o_in),
+                              (adapter.mlp_input(layer), stats.mlp_in), (mlp.down, stats.down_in))
         ]
         device = _layer_device(layer)
         try:
-            for i, (hidden, kwargs) in enumerate(zip(hidden_states, layer_kwargs)):
-                kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+            for i, (hidden, (_args, per_layer)) in enumerate(zip(hidden_states, batches)):
+                kwargs = {k: _to(v, device) for k, v in per_layer[layer_index].items()}
                 out = layer(hidden.to(device), **kwargs)
                 hidden_states[i] = out[0] if isinstance(out, tuple) else out
         finally:

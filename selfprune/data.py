@@ -1,8 +1,11 @@
 """Text data for calibration, fitness and perplexity: local copies first, the Hugging Face hub otherwise.
 
-The data directory is ``--data-dir`` or the ``SELFPRUNE_DATA_DIR`` environment variable. It holds the
-layout of the project's shared data (``wikitext2/wiki.test.raw``, ``ptb/ptb.valid.txt``,
-``c4/c4_validation_2k.jsonl``, ...). With no local copy the standard hub datasets are used.
+The data directory is, in this order: the ``data_dir`` argument (``--data-dir``), the ``SELFPRUNE_DATA_DIR``
+environment variable, the folder saved in the user config (``selfprune config --data-dir``; the install
+script saves ``../shared/data`` when it exists), else none and the standard hub datasets are used. It holds
+the layout of the project's shared data (``wikitext2/wiki.test.raw``, ``ptb/ptb.valid.txt``,
+``c4/c4_validation_2k.jsonl``, ...). Offline, a missing local copy fails at once instead of after the hub
+client's retries.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SelfpruneError
+from .errors import SelfpruneError, option
 
 DATA_DIR_ENV = "SELFPRUNE_DATA_DIR"
 TEXT_DATASETS = ("wikitext2", "ptb", "c4")
@@ -29,16 +32,87 @@ _LOCAL_FILES = {
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The local data directory, or None when neither the argument nor the environment names one."""
-    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    """The local data directory (argument, environment, user config, in that order), or None for the hub."""
+    from .user_config import read_user_config
+
+    if data_dir is not None:
+        chosen, where = data_dir, option("data_dir")
+    elif os.environ.get(DATA_DIR_ENV):
+        chosen, where = os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}"
+    else:
+        chosen, where = read_user_config().get("data_dir"), "the data folder saved by `selfprune config`"
     if not chosen:
         return None
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        raise SelfpruneError(
-            f"data directory {path} does not exist: pass an existing --data-dir or unset {DATA_DIR_ENV}"
-        )
+        raise SelfpruneError(f"data directory {path} (from {where}) does not exist: point it at an existing folder")
     return path
+
+
+_HUB_STATE: dict = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached: decided once per process, in at most ``timeout`` seconds."""
+    if "reachable" not in _HUB_STATE:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            _HUB_STATE["reachable"] = False
+        else:
+            import socket
+
+            try:
+                socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+                _HUB_STATE["reachable"] = True
+            except OSError:
+                _HUB_STATE["reachable"] = False
+    return _HUB_STATE["reachable"]
+
+
+def _offline_error(what: str) -> SelfpruneError:
+    return SelfpruneError(
+        f"no local copy of {what} and the Hugging Face hub cannot be reached (offline): pass {option('data_dir')} "
+        f"(or set {DATA_DIR_ENV}, or save a default with `selfprune config --data-dir`) with a folder holding the data"
+    )
+
+
+def _user_file(dataset: str) -> Path | None:
+    """The path of a user's own text file, None for a standard dataset name; anything else is an error."""
+    if dataset in TEXT_DATASETS:
+        return None
+    if Path(dataset).suffix in (".txt", ".raw", ".jsonl", ".json") or os.sep in dataset:
+        return Path(dataset).expanduser()
+    raise SelfpruneError(
+        f"unknown dataset {dataset!r}: use one of {', '.join(TEXT_DATASETS)} or a path to a .txt or .jsonl file"
+    )
+
+
+def locate_text(dataset: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> tuple[str, str, Path | None]:
+    """Where ``load_text`` reads ``dataset``/``split``, without reading it: ``(kind, split, path)`` with kind
+    ``file`` (a user's file), ``local`` (the data folder) or ``hub`` (path None). Raises for a name, split or
+    local file that cannot be read."""
+    split = normalize_split(split)
+    user_file = _user_file(dataset)
+    if user_file is not None:
+        return "file", split, user_file
+    if dataset == "c4" and split == "test":
+        raise SelfpruneError(f"c4 has no test split here: use {option('split')} validation")
+    local_dir = resolve_data_dir(data_dir)
+    if local_dir is None:
+        return "hub", split, None
+    path = local_dir / _LOCAL_FILES[(dataset, split)]
+    if not path.is_file():
+        raise SelfpruneError(f"missing data file {path}: restore it or point {option('data_dir')} at a complete "
+                             "data folder")
+    return "local", split, path
+
+
+def check_text_available(dataset: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> None:
+    """Fail now, not after loading a model, when ``load_text`` could not find this text."""
+    kind, split, path = locate_text(dataset, split, data_dir)
+    if kind == "file" and not path.is_file():
+        raise SelfpruneError(f"data file {path} does not exist: check the path")
+    if kind == "hub" and not hub_reachable():
+        raise _offline_error(f"{dataset}/{split}")
 
 
 def normalize_split(split: str) -> str:
@@ -82,6 +156,8 @@ def _read_hub(name: str, split: str) -> tuple[list[str], str]:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise SelfpruneError("the 'datasets' package is needed to read data from the hub: pip install datasets") from exc
+    if not hub_reachable():
+        raise _offline_error(f"{name}/{split}")
     try:
         if name == "wikitext2":
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
@@ -96,29 +172,18 @@ def _read_hub(name: str, split: str) -> tuple[list[str], str]:
             return list(ds["text"][:2000]), "hub:allenai/c4 en validation shard 0"
     except Exception as exc:
         raise SelfpruneError(
-            f"no local copy of {name}/{split} and the hub could not be reached ({type(exc).__name__}): "
-            f"pass --data-dir (or set {DATA_DIR_ENV}) to a folder holding the data"
+            f"no local copy of {name}/{split} and the hub did not serve it ({type(exc).__name__}): "
+            f"pass {option('data_dir')} (or set {DATA_DIR_ENV}) with a folder holding the data"
         ) from None
     raise AssertionError(name)
 
 
 def load_text(dataset: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> TextSource:
     """Load a standard evaluation text (wikitext2, ptb, c4) or a local .txt / .jsonl file."""
-    split = normalize_split(split)
-    as_path = Path(dataset).expanduser()
-    if dataset not in TEXT_DATASETS:
-        if as_path.suffix in (".txt", ".raw", ".jsonl", ".json") or os.sep in dataset:
-            return load_text_file(as_path)
-        raise SelfpruneError(
-            f"unknown dataset {dataset!r}: use one of {', '.join(TEXT_DATASETS)} or a path to a .txt or .jsonl file"
-        )
-    if dataset == "c4" and split == "test":
-        raise SelfpruneError("c4 has no test split here: use --split validation")
-    local_dir = resolve_data_dir(data_dir)
-    if local_dir is not None:
-        path = local_dir / _LOCAL_FILES[(dataset, split)]
-        if not path.is_file():
-            raise SelfpruneError(f"missing data file {path}: restore it or point --data-dir at a complete data folder")
+    kind, split, path = locate_text(dataset, split, data_dir)
+    if kind == "file":
+        return load_text_file(path)
+    if kind == "local":
         return TextSource(dataset, split, _read_local(dataset, split, path), str(path))
     documents, origin = _read_hub(dataset, split)
     return TextSource(dataset, split, documents, origin)
@@ -166,7 +231,7 @@ def token_windows(tokenizer, source: TextSource, seq_len: int, max_windows: int 
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise SelfpruneError(f"{source.name}/{source.split} has fewer than {seq_len} tokens: lower --seq-len")
+        raise SelfpruneError(f"{source.name}/{source.split} has fewer than {seq_len} tokens: lower {option('seq_len')}")
     return ids[: count * seq_len].view(count, seq_len).to(torch.long)
 
 
@@ -190,7 +255,8 @@ def calibration_batch(tokenizer, source: TextSource, num_samples: int, seq_len: 
         # Short documents (PTB sentences): fall back to windows over the joined stream.
         stream = tokenizer(source.joined(), return_tensors="pt").input_ids[0]
         if stream.numel() <= seq_len:
-            raise SelfpruneError(f"{source.name} has fewer than {seq_len} tokens: lower --calib-seq-len")
+            raise SelfpruneError(f"{source.name} has fewer than {seq_len} tokens: lower the calibration sequence length "
+                                 "(--calib-seq-len; CalibrationConfig.seq_len in Python)")
         while len(samples) < num_samples:
             start = rng.randint(0, stream.numel() - seq_len - 1)
             samples.append(stream[start : start + seq_len])

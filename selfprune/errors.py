@@ -1,5 +1,26 @@
 """User-facing errors: one line that names what is wrong and how to fix it."""
+from __future__ import annotations
+
+import re
+
+_OPTION = re.compile(r"\{option:([a-z_]+)(?:\|(--[a-z0-9-]+))?\}")
+
+
+def option(name: str, flag: str | None = None) -> str:
+    """Name a setting inside an error message so each interface spells it its own way: ``data_dir=`` for a
+    Python caller, ``--data-dir`` on the command line (or ``flag`` where the CLI's name differs, as
+    ``base_url`` is ``--llm-base-url``)."""
+    return f"{{option:{name}|{flag}}}" if flag else f"{{option:{name}}}"
 
 
 class SelfpruneError(Exception):
-    """Raised for bad input; the CLI prints it as a single line and exits non-zero."""
+    """Raised for bad input; the CLI prints ``cli_message()`` as a single line and exits with status 2."""
+
+    def _text(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        return _OPTION.sub(lambda m: f"{m.group(1)}=", self._text())
+
+    def cli_message(self) -> str:
+        return _OPTION.sub(lambda m: m.group(2) or "--" + m.group(1).replace("_", "-"), self._text())

@@ -20,9 +20,9 @@ class PerplexityEvaluator:
     def __init__(self, tokenizer, dataset: str = "wikitext2", split: str = "test", seq_len: int = 128,
                  max_windows: int | None = None, batch_size: int = 8, data_dir=None, progress: bool = False):
         if seq_len < 2:
-            from .errors import SelfpruneError
+            from .errors import SelfpruneError, option
 
-            raise SelfpruneError(f"--seq-len {seq_len} is too short: use at least 2 (128 or 2048 are standard)")
+            raise SelfpruneError(f"{option('seq_len')} {seq_len} is too short: use at least 2 (128 or 2048 are standard)")
         self.source = load_text(dataset, split, data_dir)
         self.windows = token_windows(tokenizer, self.source, seq_len, max_windows)
         self.seq_len, self.batch_size, self.progress = seq_len, batch_size, progress
@@ -43,12 +43,14 @@ class PerplexityEvaluator:
 
         device = next(model.parameters()).device
         total_nll, start = 0.0, time.perf_counter()
-        batches = range(0, self.windows.shape[0], self.batch_size)
-        for i in tqdm(batches, desc="perplexity", disable=not self.progress, leave=False):
-            ids = self.windows[i : i + self.batch_size].to(device)
-            logits = model(ids, use_cache=False).logits[:, :-1].float()
-            total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                         reduction="sum").item()
+        count = self.windows.shape[0]
+        with tqdm(total=count, desc="perplexity", unit="window", disable=not self.progress, leave=False) as bar:
+            for i in range(0, count, self.batch_size):
+                ids = self.windows[i : i + self.batch_size].to(device)
+                logits = model(ids, use_cache=False).logits[:, :-1].float()
+                total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction="sum").item()
+                bar.update(ids.shape[0])
         nll = total_nll / self.predicted_tokens
         return {"ppl": math.exp(nll), "nll": nll, "tokens": self.predicted_tokens,
                 "seconds": time.perf_counter() - start, **self.settings}

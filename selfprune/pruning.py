@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .accounting import GQA_POLICIES, LayerGeometry, LayerPlan, plan_layer, validate_rates
+from .accounting import GQA_POLICIES, LayerGeometry, LayerPlan, describe_gqa_policy, plan_layer, validate_rates
 from .adapters import ModelAdapter, get_adapter
+from .adapters.base import AttentionLinears, MLPLinears
 from .calibration import CalibrationConfig, CalibrationResult, calibrate
 from .criteria import DEFAULT_BIAS_COMPENSATION, NEEDS_CALIBRATION, check_criterion, outlier_ratio, score_layer
 from .errors import SelfpruneError
@@ -74,10 +75,11 @@ class PruneReport:
         return data
 
     def summary(self) -> str:
+        gqa = f"; {self.extra['gqa_policy_effect']}" if self.extra.get("gqa_policy_effect") else ""
         return (
             f"{self.criterion}: removed {self.achieved_rate:.4%} of decoder-layer parameters "
             f"(requested {self.requested_rate:.4%}); parameters {self.dense_total_params:,} -> "
-            f"{self.pruned_total_params:,} ({self.pruned_total_params / self.dense_total_params:.2%} of dense)"
+            f"{self.pruned_total_params:,} ({self.pruned_total_params / self.dense_total_params:.2%} of dense){gqa}"
         )
 
 
@@ -138,7 +140,7 @@ class Pruner:
         if gqa_policy not in GQA_POLICIES:
             raise SelfpruneError(f"unknown GQA policy {gqa_policy!r}: use one of {', '.join(GQA_POLICIES)}")
         if mlp_multiple < 1 or mlp_multiple > self.adapter.intermediate_size:
-            raise SelfpruneError(f"--mlp-multiple {mlp_multiple} must be between 1 and the MLP width {self.adapter.intermediate_size}")
+            raise SelfpruneError(f"mlp_multiple {mlp_multiple} must be between 1 and the MLP width {self.adapter.intermediate_size}")
         self.gqa_policy = gqa_policy
         self.mlp_multiple = mlp_multiple
         self.bias_compensation = DEFAULT_BIAS_COMPENSATION[criterion] if bias_compensation is None else bias_compensation
@@ -184,15 +186,25 @@ class Pruner:
         ``mlp_first``: none, unless the MLP alone cannot reach the rate (the exact planner then adds heads);
         ``proportional``: the rate itself; ``standardized``: FLAP's adaptive structure, where head and channel
         scores are standardized within their module, pooled, and removed from the lowest up (each weighted by
-        its parameter count) until the rate is reached.
+        its parameter count) until the rate is reached. As in FLAP (CASIA-IVA-Lab/FLAP, lib/prune.py,
+        prune_flap, structure "AL-AM"), ``flap`` standardizes the squared o_proj metric per column and
+        averages it per head (``standarlization(attn_metric).reshape(len(layers), -1, 128).mean(dim=2)``).
         """
         if self.structure == "mlp_first":
             return 0.0
         if self.structure == "proportional" or rate == 0:
             return None
         geom, scores = self.geometries[layer_index], self.scores[layer_index]
-        z_heads, z_channels = _standardize(scores.heads), _standardize(scores.channels)
-        head_cost = geom.dense_params - geom.params(geom.num_heads - 1, geom.num_kv_heads, geom.intermediate)
+        if scores.head_columns is not None:
+            z_heads = _standardize(scores.head_columns).view(geom.num_heads, -1).mean(1)
+        else:
+            z_heads = _standardize(scores.heads)
+        z_channels = _standardize(scores.channels)
+        g = geom.group_size
+        if self.gqa_policy == "group" or g == 1:   # a head takes its share of the key-value group with it
+            head_cost = (geom.dense_params - geom.params(geom.num_heads - g, geom.num_kv_heads - 1, geom.intermediate)) / g
+        else:                                       # only its query and output rows go
+            head_cost = geom.dense_params - geom.params(geom.num_heads - 1, geom.num_kv_heads, geom.intermediate)
         z = torch.cat([z_heads, z_channels])
         cost = torch.cat([torch.full_like(z_heads, head_cost), torch.full_like(z_channels, geom.channel_params())])
         order = torch.argsort(z)
@@ -259,16 +271,13 @@ class Pruner:
                     down_extra = self._compensation(stats.down_in.mean, mlp.down.weight, ch)
             new_layer = _shallow_clone(layer)
             new_attn, new_mlp = _shallow_clone(a.attention(layer)), _shallow_clone(a.mlp(layer))
-            new_attn.q_proj = _sliced_linear(attn.q, rows=q_rows)
-            new_attn.k_proj = _sliced_linear(attn.k, rows=kv_rows)
-            new_attn.v_proj = _sliced_linear(attn.v, rows=kv_rows)
-            new_attn.o_proj = _sliced_linear(attn.o, cols=q_rows, extra_bias=o_extra)
-            new_attn.num_key_value_groups = len(kept_q) // len(kept_kv)
-            new_mlp.gate_proj = _sliced_linear(mlp.gate, rows=ch)
-            new_mlp.up_proj = _sliced_linear(mlp.up, rows=ch)
-            new_mlp.down_proj = _sliced_linear(mlp.down, cols=ch, extra_bias=down_extra)
-            if hasattr(new_mlp, "intermediate_size"):
-                new_mlp.intermediate_size = len(kept_ch)
+            a.set_attention_linears(new_attn, AttentionLinears(
+                _sliced_linear(attn.q, rows=q_rows), _sliced_linear(attn.k, rows=kv_rows),
+                _sliced_linear(attn.v, rows=kv_rows), _sliced_linear(attn.o, cols=q_rows, extra_bias=o_extra)),
+                len(kept_q), len(kept_kv))
+            a.set_mlp_linears(new_mlp, MLPLinears(
+                _sliced_linear(mlp.gate, rows=ch), _sliced_linear(mlp.up, rows=ch),
+                _sliced_linear(mlp.down, cols=ch, extra_bias=down_extra)))
             new_layer.self_attn, new_layer.mlp = new_attn, new_mlp
             new_layers.append(new_layer)
             o_bias, down_bias = new_attn.o_proj.bias is not None, new_mlp.down_proj.bias is not None
@@ -283,6 +292,7 @@ class Pruner:
             sum(self.layer_params), sum(pruned_params), _count(self.model), _count(model),
             self.calibration.config.to_dict() | {"tokens": self.calibration.tokens, "origin": self.calibration.origin}
             if self.calibration else None,
+            extra={"gqa_policy_effect": describe_gqa_policy(self.geometries[0], self.gqa_policy)},
         )
         model.config.selfprune = {
             "format_version": 1,
@@ -298,6 +308,7 @@ class Pruner:
             "calibration": report.calibration,
             "versions": _versions(),
         }
+        model.selfprune_report = report  # save_pruned writes it when the caller passes no report
         return model, report
 
     def _assemble(self, new_layers: list[nn.Module]) -> nn.Module:

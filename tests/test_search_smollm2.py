@@ -50,8 +50,8 @@ def test_llm_operator_search_against_a_real_server(tmp_path, smol_dir, llama_ser
 def test_search_with_the_server_down_says_so_in_one_line(tmp_path, smol_dir, capsys):
     port = free_port()
     code = main(["search", "--model", smol_dir, *TINY, "--operator", "llm", "--llm", "openai:smollm2",
-                 "--llm-base-url", f"http://127.0.0.1:{port}/v1", "--llm-timeout", "2", "--budget", "2",
-                 "--population", "2", "--out", str(tmp_path / "run")])
+                 "--llm-base-url", f"http://127.0.0.1:{port}/v1", "--llm-timeout", "2", "--budget", "4",
+                 "--population", "2", "--offspring", "2", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and "cannot reach the LLM server" in err and str(port) in err

@@ -151,4 +151,4 @@ def test_speed_command_writes_json_and_prints_the_table(tmp_path, capsys):
     assert main(["speed", "--model", str(tmp_path / "pruned"), "--baseline", str(tmp_path / "dense"),
                  "--sweep", "8by128"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("selfprune: error:") and "--sweep" in err and "\n" not in err
+    assert err.startswith("selfprune speed: error:") and "--sweep" in err and "\n" not in err

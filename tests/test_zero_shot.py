@@ -1,11 +1,10 @@
 """Zero-shot evaluation: local tasks build lm-eval's standard requests, evaluation runs end to end, bad input fails clearly.
 
-Uses the shared data (``SELFPRUNE_DATA_DIR`` or /work/shared/data) and a tiny random-weight LLaMA with a
+Uses the shared data (``SELFPRUNE_DATA_DIR``, set by conftest.py) and a tiny random-weight LLaMA with a
 byte-level tokenizer, so nothing is downloaded.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -14,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from selfprune.errors import SelfpruneError
-from selfprune.evaluation import REPORTED_METRIC, TASKS, add_eval_parser, evaluate_zero_shot, format_table
+from selfprune.cli import build_parser
+from selfprune.evaluation import REPORTED_METRIC, TASKS, evaluate_zero_shot, format_table
 from selfprune.evaluation.tasks import TASKS_DIR
 from selfprune.evaluation.tasks.readers import LOCAL_FILES
 
-DATA_DIR = Path(os.environ.get("SELFPRUNE_DATA_DIR") or "/work/shared/data")
-needs_data = pytest.mark.skipif(not (DATA_DIR / "boolq" / "dev.jsonl").is_file(), reason="shared data not present")
+DATA_DIR = Path(os.environ.get("SELFPRUNE_DATA_DIR", "no-data-dir-set"))
+needs_data = pytest.mark.skipif(not (DATA_DIR / "boolq" / "dev.jsonl").is_file(), reason=f"no task data in {DATA_DIR}")
 
 # lm-eval's standard task definitions, by path inside the installed package.
 STANDARD_YAML = {
@@ -216,9 +216,7 @@ def test_local_source_needs_a_data_dir(tiny_model, monkeypatch):
 
 
 def test_eval_subcommand_rejects_bad_tasks_before_loading_a_model(tmp_path):
-    parser = argparse.ArgumentParser(prog="selfprune")
-    add_eval_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "--model", str(tmp_path), "--tasks", "boolq,nope", "--data-dir", str(tmp_path)])
+    args = build_parser().parse_args(["eval", "--model", str(tmp_path), "--tasks", "boolq,nope", "--data-dir", str(tmp_path)])
     assert args.limit is None and args.source == "auto" and args.batch_size == 8
     with pytest.raises(SelfpruneError, match="unknown task 'nope': choose from boolq, piqa"):
         args.func(args)

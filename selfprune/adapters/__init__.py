@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from ..errors import SelfpruneError
 from .base import ModelAdapter
+from .gemma import Gemma2Adapter, Gemma3TextAdapter
 from .llama import LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+from .phi3 import Phi3Adapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter,
+                                            Gemma3TextAdapter, Gemma2Adapter, Phi3Adapter)
 SUPPORTED_FAMILIES = tuple(cls.model_type for cls in ADAPTERS)
 
 

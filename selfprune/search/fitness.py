@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..errors import SelfpruneError
+from ..errors import SelfpruneError, option
 from ..perplexity import PerplexityEvaluator
 
 FITNESS_KINDS = ("ppl", "kl")
@@ -70,11 +70,21 @@ class Fitness:
                 "forward_seconds": scored["seconds"], "achieved_rate": report.achieved_rate}
 
 
+def layer_shapes(pruner, rates) -> tuple:
+    """The pruned model ``rates`` give, as per-layer (query heads, KV heads, MLP width): the search's cache key.
+
+    The kept heads and channels follow from these counts (the Pruner keeps the best-scored ones of its one
+    calibration), so equal shapes are the same model; equal achieved fractions are not (a query head can
+    weigh as much as a whole number of MLP channels).
+    """
+    return tuple((plan.num_heads, plan.num_kv_heads, plan.width) for plan in pruner.plan(rates))
+
+
 def make_fitness(pruner, kind: str = "ppl", dataset: str = "wikitext2", split: str = "validation",
                  seq_len: int = 128, max_windows: int | None = 16, batch_size: int = 8, data_dir=None) -> Fitness:
     """The search's fitness on ``dataset``/``split``; the test split is refused so results are never leaked."""
     if split == "test":
-        raise SelfpruneError("the search's fitness must not use the test split: use --fitness-dataset with its validation split")
+        raise SelfpruneError(f"the search's fitness must not use the test split: pass {option('split')} validation")
     if pruner.tokenizer is None:
         raise SelfpruneError("the fitness needs the tokenizer: build the Pruner with it")
     evaluator = PerplexityEvaluator(pruner.tokenizer, dataset, split, seq_len, max_windows, batch_size, data_dir)

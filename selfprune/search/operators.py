@@ -15,6 +15,10 @@ from .space import SearchSpace
 
 # How often a numeric operator retries to produce a candidate that was not evaluated before.
 NOVELTY_TRIES = 20
+# Ends the operator name of a candidate that the numeric fallback made because the LLM gave no usable reply.
+FALLBACK_SUFFIX = ":fallback"
+# Operators whose candidates come from replies to prompts (the LLM, or the ablation's random replies).
+REPLY_OPERATORS = ("llm", "llm-random")
 
 Claim = Callable[[Sequence[float]], bool]
 """``claim(raw_rates)`` is True (and reserves the candidate for this batch) when its repaired form was never
@@ -47,7 +51,35 @@ class Member:
     fitness: float
 
 
-def _always_new(_rates: Sequence[float]) -> bool:
+def candidate_source(operator: str) -> str:
+    """Where a candidate came from: ``reply`` (the LLM's own, or the ablation's random reply), ``fallback`` (the
+    numeric operator, filling in for an unusable reply), ``seed`` (a heuristic seed) or ``numeric``."""
+    if operator.endswith(FALLBACK_SUFFIX):
+        return "fallback"
+    if operator.startswith("seed:"):
+        return "seed"
+    if operator.split(":", 1)[0] in REPLY_OPERATORS:
+        return "reply"
+    return "numeric"
+
+
+def source_stats(records: Sequence[dict]) -> dict:
+    """Evaluations and best fitness per :func:`candidate_source`, from journal records (``operator``,
+    ``fitness``): what the LLM's own candidates did, apart from the fallback's."""
+    stats: dict = {}
+    for record in records:
+        entry = stats.setdefault(candidate_source(str(record.get("operator", ""))),
+                                 {"evaluations": 0, "best_fitness": None, "best_index": None})
+        entry["evaluations"] += 1
+        fitness = record.get("fitness")
+        if isinstance(fitness, (int, float)) and fitness == fitness and (
+                entry["best_fitness"] is None or fitness < entry["best_fitness"]):
+            entry["best_fitness"], entry["best_index"] = float(fitness), record.get("index")
+    return stats
+
+
+def accept_all(_rates: Sequence[float]) -> bool:
+    """The claim used when nobody deduplicates: every candidate counts as new."""
     return True
 
 
@@ -56,11 +88,11 @@ class Operator:
 
     name = "operator"
 
-    def initial(self, n: int, rng: np.random.Generator, seeds: list[Proposal], claim: Claim = _always_new,
+    def initial(self, n: int, rng: np.random.Generator, seeds: list[Proposal], claim: Claim = accept_all,
                 iteration: int = 0) -> list[Proposal]:
         raise NotImplementedError
 
-    def offspring(self, population: list[Member], rng: np.random.Generator, claim: Claim = _always_new,
+    def offspring(self, population: list[Member], rng: np.random.Generator, claim: Claim = accept_all,
                   iteration: int = 1) -> list[Proposal]:
         raise NotImplementedError
 
@@ -156,17 +188,18 @@ class FixedOperator(Operator):
         self.name = name
         self._proposals = proposals
 
-    def initial(self, n, rng, seeds, claim=_always_new, iteration=0):
+    def initial(self, n, rng, seeds, claim=accept_all, iteration=0):
         return list(self._proposals)
 
-    def offspring(self, population, rng, claim=_always_new, iteration=1):
+    def offspring(self, population, rng, claim=accept_all, iteration=1):
         return []
 
 
-def _novel(make: Callable[[], list[float]], claim: Claim) -> list[float]:
-    """Call ``make`` until it yields an unseen candidate (or give up and return the last one)."""
+def novel_rates(make: Callable[[], list[float]], claim: Claim, tries: int = NOVELTY_TRIES) -> list[float]:
+    """Call ``make`` until it yields a candidate that ``claim`` accepts (after ``tries`` calls, return the last
+    one anyway: the runner then answers it from its cache)."""
     rates = make()
-    for _ in range(NOVELTY_TRIES - 1):
+    for _ in range(tries - 1):
         if claim(rates):
             return rates
         rates = make()
@@ -185,15 +218,15 @@ class RandomOperator(Operator):
         self.concentration = concentration
 
     def _batch(self, n, rng, claim):
-        return [Proposal(_novel(lambda: random_rates(self.space, rng, self.concentration), claim), "random")
+        return [Proposal(novel_rates(lambda: random_rates(self.space, rng, self.concentration), claim), "random")
                 for _ in range(n)]
 
-    def initial(self, n, rng, seeds, claim=_always_new, iteration=0):
+    def initial(self, n, rng, seeds, claim=accept_all, iteration=0):
         for s in seeds:
             claim(s.rates)
         return list(seeds) + self._batch(max(0, n - len(seeds)), rng, claim)
 
-    def offspring(self, population, rng, claim=_always_new, iteration=1):
+    def offspring(self, population, rng, claim=accept_all, iteration=1):
         return self._batch(self.n_offspring, rng, claim)
 
 
@@ -222,15 +255,15 @@ class EvolutionOperator(Operator):
         noise = rng.uniform(-self.init_spread, self.init_spread, self.space.num_layers)
         return self.space.repair(np.asarray(self.space.uniform()) + noise).rates
 
-    def initial(self, n, rng, seeds, claim=_always_new, iteration=0):
+    def initial(self, n, rng, seeds, claim=accept_all, iteration=0):
         for s in seeds:
             claim(s.rates)
         out = list(seeds)
         while len(out) < n:
-            out.append(Proposal(_novel(lambda: self._around_uniform(rng), claim), "evolution:init"))
+            out.append(Proposal(novel_rates(lambda: self._around_uniform(rng), claim), "evolution:init"))
         return out
 
-    def offspring(self, population, rng, claim=_always_new, iteration=1):
+    def offspring(self, population, rng, claim=accept_all, iteration=1):
         children = []
         for _ in range(self.n_crossover):
             holder: dict = {}
@@ -242,7 +275,7 @@ class EvolutionOperator(Operator):
                 holder["parents"] = [a.id, b.id]
                 return cross(a.rates, b.rates, rng)  # raw: the runner's repair logs how far it moves
 
-            rates = _novel(make, claim)
+            rates = novel_rates(make, claim)
             children.append(Proposal(rates, "evolution:crossover", holder["parents"]))
         for _ in range(self.n_mutation):
             holder = {}
@@ -252,6 +285,6 @@ class EvolutionOperator(Operator):
                 holder["parents"] = [p.id]
                 return mutate_move(p.rates, self.space, rng, self.step)
 
-            rates = _novel(make, claim)
+            rates = novel_rates(make, claim)
             children.append(Proposal(rates, "evolution:mutation", holder["parents"]))
         return children

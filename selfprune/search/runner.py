@@ -6,19 +6,22 @@ Run directory::
     proposals.jsonl   one record per iteration: the raw candidates the operator proposed (+ LLM counts),
                       fsynced *before* any of them is evaluated
     journal.jsonl     one record per evaluated candidate, fsynced right after its evaluation
-    llm/calls.jsonl   every LLM prompt and response (LLM operator only)
+    llm/calls.jsonl   every LLM prompt and response (LLM operator only), fsynced as it arrives
     rescore.jsonl     multi-fidelity: the top candidates re-scored on more tokens at the end (if asked)
     best.json         best candidate so far; summary.json and model/ when the search finished
 
 Resume replays the loop from the start: a batch found in proposals.jsonl is reused instead of being
 generated again (so LLM calls are not repeated either), an evaluation found in journal.jsonl is reused
-instead of being run again. Randomness comes from generators derived from (seed, iteration), never from
-a stream consumed by evaluations, so the replayed state is the state the killed run had and the rest
-of the run continues exactly as an uninterrupted one would.
+instead of being run again. A batch that was being generated when the run was killed is generated again,
+and the LLM operator answers the calls it had already made from llm/calls.jsonl. Randomness comes from
+generators derived from (seed, iteration), never from a stream consumed by evaluations, so the replayed
+state is the state the killed run had and the rest of the run continues exactly as an uninterrupted one
+would.
 
 Budget: ``budget`` counts real evaluations (distinct models, as in the paper's ~430). A candidate whose
 pruned model was already evaluated (same head/channel counts per layer) is answered from the cache and
-does not use the budget; it is counted as a cache hit.
+does not use the budget; it is counted as a cache hit. A budget too small for the population and one
+generation of children gets a smaller population (:func:`size_population`), said in the summary.
 
 Multi-fidelity (``rescore_top`` > 0): the search ranks candidates by a cheap fitness (few tokens); at the end
 the ``rescore_top`` best are scored again by ``problem.rescore`` (more tokens of the same split), and the
@@ -32,13 +35,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from ..errors import SelfpruneError
-from ..io import append_jsonl, atomic_write_json, read_jsonl
-from .operators import Member, Operator, Proposal
+from ..errors import SelfpruneError, option
+from ..io import append_jsonl, atomic_directory, atomic_write_json, read_jsonl
+from .operators import Member, Operator, Proposal, source_stats
 from .space import REPAIR_EPS, SearchSpace
 
 CONFIG = "config.json"
@@ -49,7 +52,11 @@ SUMMARY = "summary.json"
 RESCORE = "rescore.jsonl"
 MODEL_DIR = "model"
 LLM_COUNTERS = ("calls", "valid", "repaired", "unusable", "duplicates", "fallbacks", "prompt_tokens",
-                "completion_tokens")
+                "completion_tokens", "replayed_calls")
+# Counter names written by older versions -> the name used now (summaries made before the fix read both).
+LLM_COUNTER_ALIASES = {"duplicate": "duplicates"}
+# Operators whose population evolves (the others ignore the population or take it from their proposals).
+EVOLVING_OPERATORS = ("llm", "llm-random", "evolution")
 
 
 @dataclass
@@ -58,9 +65,13 @@ class SearchProblem:
 
     ``evaluate(rates)`` returns at least ``{"fitness": float}`` (lower is better; may add "tokens",
     "seconds", "forward_seconds"). ``achieved(rates)`` gives the fractions really removed after rounding
-    to whole heads/channels; it defines when two candidates are the same model. ``finalize(rates, run_dir)``
-    saves the best pruned model and returns facts for the summary. ``rescore(rates)`` is the higher-fidelity
-    fitness for multi-fidelity search (same return form as ``evaluate``).
+    to whole heads/channels. ``shape_key(rates)`` identifies the pruned model the rates give (e.g. the
+    per-layer head, KV-head and MLP-channel counts: :func:`selfprune.search.fitness.layer_shapes`); two
+    candidates with the same key are the same model and share one evaluation. Without it the rounded
+    achieved fractions are the key, which can merge different shapes that remove as many parameters.
+    ``finalize(rates, run_dir)`` saves the best pruned model and returns facts for the summary.
+    ``rescore(rates)`` is the higher-fidelity fitness for multi-fidelity search (same return form as
+    ``evaluate``).
     """
 
     layer_params: list[int]
@@ -69,8 +80,11 @@ class SearchProblem:
     outlier_ratios: Callable[[], list[float]] | None = None
     finalize: Callable[[list[float], Path], dict] | None = None
     rescore: Callable[[list[float]], dict] | None = None
+    shape_key: Callable[[list[float]], Hashable] | None = None
 
-    def key(self, rates: Sequence[float]) -> tuple:
+    def key(self, rates: Sequence[float]) -> Hashable:
+        if self.shape_key is not None:
+            return self.shape_key(list(rates))
         if self.achieved is not None:
             return tuple(round(float(a), 6) for a in self.achieved(list(rates)))
         return tuple(round(float(r), 4) for r in rates)
@@ -83,6 +97,87 @@ class RunSettings:
     seed: int = 0
     max_stale_iterations: int = 3
     rescore_top: int = 0
+    population_note: str | None = None  # why the population differs from the one asked for (summary)
+
+
+def size_population(operator: str, budget: int, population: int, offspring: int) -> tuple[int, str | None]:
+    """The population a run of ``budget`` evaluations should use, and a note when it is not ``population``.
+
+    An evolving run spends ``population`` evaluations on its initial population and ``offspring`` on each
+    generation; a budget below both leaves too little (or nothing) for evolution. The population then
+    shrinks to leave one whole generation, but keeps at least half the budget (and at least 1).
+    """
+    if operator not in EVOLVING_OPERATORS or budget >= population + offspring:
+        return population, None
+    sized = min(population, max(1, budget - offspring, budget // 2))
+    left = budget - sized
+    if left <= 0:
+        return sized, (f"budget {budget} leaves no evaluation for evolution: the run is an initial population of "
+                       f"{sized}; raise the budget above {sized} to evolve it")
+    children = f"{left} child" if left == 1 else f"{left} children"
+    if sized == population:
+        return sized, (f"budget {budget} is less than population {population} + one generation of {offspring} "
+                       f"children: the run evolves only {children}")
+    return sized, (f"budget {budget} is less than population {population} + one generation of {offspring} "
+                   f"children: population reduced to {sized}, leaving {children} for evolution")
+
+
+def population_plan(config: dict) -> tuple[int, str | None]:
+    """:func:`size_population` for a run config (pure: no model, no files); uses the population asked for."""
+    requested = config.get("population_requested", config["population"])
+    return size_population(config["operator"], int(config["budget"]), int(requested),
+                           int(config["crossovers"]) + int(config["mutations"]))
+
+
+def budget_notes(config: dict) -> list[str]:
+    """What a new run will do that its settings do not say (today: a population sized to the budget)."""
+    _, note = population_plan(config)
+    return [note] if note else []
+
+
+def fold_llm_counts(counts: dict) -> dict:
+    """LLM counters under their current names (older runs counted duplicates under "duplicate")."""
+    folded: dict = {}
+    for key, value in counts.items():
+        key = LLM_COUNTER_ALIASES.get(key, key)
+        if isinstance(value, (int, float)):
+            folded[key] = folded.get(key, 0) + value
+    return folded
+
+
+def run_is_finished(run_dir: str | Path, config: dict, save_model: bool = True) -> dict | None:
+    """The summary of a run with nothing left to do, else None; reads files only (no model).
+
+    Finished: summary.json exists, the run stopped at ``config["budget"]`` evaluations (or stopped earlier
+    for another reason under that same budget), the re-scoring asked in the config is in the summary, and,
+    if ``save_model``, the saved model is there.
+    """
+    import json
+
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or "evaluations" not in summary:
+        return None
+    budget = int(config["budget"])
+    if summary["evaluations"] < budget and summary.get("budget") != budget:
+        return None
+    top = int((config.get("rescore") or {}).get("top") or 0)
+    rescore = summary.get("rescore") or {}
+    if rescore.get("top", 0) != top:
+        return None
+    if top:
+        on_disk = {r.get("index") for r in read_jsonl(run_dir / RESCORE)}
+        if any(r.get("index") not in on_disk for r in rescore.get("candidates") or []):
+            return None  # the re-scores were discarded (other windows): score again
+    if save_model:
+        model = summary.get("model")
+        path = Path(model["path"]) if isinstance(model, dict) and model.get("path") else run_dir / MODEL_DIR
+        if not model or not (path / "config.json").is_file():
+            return None
+    return summary
 
 
 @dataclass
@@ -114,8 +209,6 @@ def survivors(members: list[Member], size: int) -> list[Member]:
 
 def create_run_dir(out: str | Path, config: dict, overwrite: bool = False) -> Path:
     """Make a fresh run directory with its config; refuse to clobber an existing one."""
-    import shutil
-
     out = Path(out)
     if out.exists():
         if not overwrite:
@@ -125,14 +218,16 @@ def create_run_dir(out: str | Path, config: dict, overwrite: bool = False) -> Pa
             )
         if not out.is_dir():
             raise SelfpruneError(f"{out} exists and is not a folder: choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    atomic_write_json(out / CONFIG, config)
+    with atomic_directory(out, overwrite=True) as fresh:  # the old run stays until the new folder is ready
+        atomic_write_json(fresh / CONFIG, config)
     return out
 
 
 def load_run_config(run_dir: str | Path) -> dict:
     """The config of an existing run (for --resume)."""
+    from ..io import restore_interrupted
+
+    restore_interrupted(run_dir)  # a run folder left aside by a replace that was killed comes back first
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise SelfpruneError(f"{run_dir} holds no search run (no {CONFIG}): check the --resume path")
@@ -159,13 +254,16 @@ class SearchRunner:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         if settings.budget < 1:
-            raise SelfpruneError(f"--budget {settings.budget} is too small: pass at least 1 evaluation")
+            raise SelfpruneError(f"budget {settings.budget} is too small: pass {option('budget')} 1 or more")
         if settings.population < 1:
-            raise SelfpruneError(f"--population {settings.population} is too small: pass at least 1")
+            raise SelfpruneError(f"population {settings.population} is too small: pass {option('population')} 1 "
+                                 "or more")
         if settings.rescore_top < 0:
-            raise SelfpruneError(f"--rescore-top {settings.rescore_top} is negative: pass 0 (off) or more")
+            raise SelfpruneError(f"rescore top {settings.rescore_top} is negative: pass {option('rescore_top')} 0 "
+                                 "(off) or more")
         if settings.rescore_top and problem.rescore is None:
-            raise SelfpruneError("--rescore-top needs a higher-fidelity fitness: pass --rescore-windows")
+            raise SelfpruneError(f"re-scoring the top candidates needs a higher-fidelity fitness: pass "
+                                 f"{option('rescore', '--rescore-windows')}")
 
     # -- files ------------------------------------------------------------------------------------------
     @property
@@ -368,7 +466,7 @@ class SearchRunner:
     def _finish(self, iterations: int, stop_reason: str) -> dict:
         st = self.state
         if st.best is None:
-            raise SelfpruneError("the search evaluated no candidate: check --budget and the operator")
+            raise SelfpruneError(f"the search evaluated no candidate: check {option('budget')} and the operator")
         rescored = self._rescore() if self.settings.rescore_top else []
         if rescored:
             chosen = min(rescored, key=lambda r: (_finite(r["rescored_fitness"]), r["index"]))
@@ -379,9 +477,8 @@ class SearchRunner:
         llm: dict = {k: 0 for k in LLM_COUNTERS}
         llm["seconds"] = 0.0
         for batch in self._batches.values():
-            for k, v in (batch.get("llm") or {}).items():
-                if isinstance(v, (int, float)):
-                    llm[k] = llm.get(k, 0) + v
+            for k, v in fold_llm_counts(batch.get("llm") or {}).items():
+                llm[k] = llm.get(k, 0) + v
         seconds = [r["seconds"] for r in st.records]
         repaired = [r for r in st.records if r.get("repair_distance", 0.0) > REPAIR_EPS]
         uniform_key = self.problem.key(self.space.uniform())
@@ -390,6 +487,8 @@ class SearchRunner:
             "operator": self.operator.name,
             "evaluations": len(st.members),
             "budget": self.settings.budget,
+            "population": self.settings.population,
+            **({"population_note": self.settings.population_note} if self.settings.population_note else {}),
             "iterations": iterations,
             "stop_reason": stop_reason,
             "best_index": best_record["index"],
@@ -406,6 +505,7 @@ class SearchRunner:
             "repair_max_distance": max((r["repair_distance"] for r in st.records), default=0.0),
             "repair_mean_distance": float(np.mean([r["repair_distance"] for r in repaired])) if repaired else 0.0,
             "llm": llm,
+            "sources": source_stats(st.records),  # the LLM's own candidates apart from the fallback's
             "eval_tokens": int(sum(r.get("tokens", 0) for r in st.records)),
         }
         if rescored:
@@ -428,12 +528,22 @@ def _take_llm_counts(operator: Operator) -> dict | None:
     return take() if callable(take) else None
 
 
+def _source_cell(summary: dict, source: str) -> str:
+    """Evaluations of one candidate source and their best fitness, e.g. ``41 (best 53.2)``."""
+    entry = (summary.get("sources") or {}).get(source)
+    if not entry or entry.get("best_fitness") is None:
+        return "0"
+    return f"{entry['evaluations']} (best {entry['best_fitness']:.6g})"
+
+
 def format_summary(summary: dict) -> str:
     """The table printed at the end of a search."""
     llm = summary.get("llm") or {}
     rows = [
         ("operator", summary["operator"]),
         ("evaluations", f"{summary['evaluations']} / budget {summary['budget']} ({summary['stop_reason']})"),
+        *([("population", f"{summary['population']} ({summary['population_note']})")]
+          if summary.get("population_note") else []),
         ("best fitness", f"{summary['best_fitness']:.6g} (eval #{summary['best_index']}, {summary['best_operator']})"),
     ]
     rescore = summary.get("rescore")
@@ -451,9 +561,12 @@ def format_summary(summary: dict) -> str:
     if llm.get("calls"):
         rows += [
             ("LLM calls", f"{llm['calls']} ({llm['prompt_tokens']} + {llm['completion_tokens']} tokens, "
-                          f"{llm.get('seconds', 0.0):.1f} s)"),
+                          f"{llm.get('seconds', 0.0):.1f} s"
+                          + (f"; {llm['replayed_calls']} answered from the log on resume" if llm.get("replayed_calls")
+                             else "") + ")"),
             ("LLM valid/repaired/unusable", f"{llm['valid']} / {llm['repaired']} / {llm['unusable']}"),
-            ("LLM duplicates/fallbacks", f"{llm['duplicates']} / {llm['fallbacks']}"),
+            ("LLM duplicates/fallbacks", f"{llm.get('duplicates', 0)} / {llm['fallbacks']}"),
+            ("evaluated from replies/fallback", " / ".join(_source_cell(summary, k) for k in ("reply", "fallback"))),
             ("LLM selections valid/repaired/unusable/fallbacks",
              " / ".join(str(llm.get(f"select_{k}", 0)) for k in ("valid", "repaired", "unusable", "fallbacks"))),
         ]

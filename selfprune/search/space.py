@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import SelfpruneError
+from ..errors import SelfpruneError, option
 
 DEFAULT_BOUNDS = (0.0, 0.8)
 # A repair that moves no rate by more than this is "no repair" (floating-point noise).
@@ -39,20 +39,20 @@ class SearchSpace:
 
     def __init__(self, layer_params: Sequence[float], target: float, bounds: Sequence[float] = DEFAULT_BOUNDS):
         if len(layer_params) == 0:
-            raise SelfpruneError("the model has no decoder layers to prune: check --model")
+            raise SelfpruneError(f"the model has no decoder layers to prune: check {option('model')}")
         weights = np.asarray(layer_params, dtype=np.float64)
         if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
             raise SelfpruneError("every layer needs a positive parameter count: check the model's layers")
         lo, hi = (float(b) for b in bounds)
         if not (0.0 <= lo < hi < 1.0):
-            raise SelfpruneError(f"bounds {lo},{hi} are invalid: pass --bounds LO,HI with 0 <= LO < HI < 1")
+            raise SelfpruneError(f"bounds {lo},{hi} are invalid: pass {option('bounds')} LO,HI with 0 <= LO < HI < 1")
         target = float(target)
         if not (0.0 < target < 1.0):
-            raise SelfpruneError(f"target {target} is outside (0, 1): pass e.g. --target 0.3")
+            raise SelfpruneError(f"target {target} is outside (0, 1): pass e.g. {option('target')} 0.3")
         if not (lo - 1e-12 <= target <= hi + 1e-12):
             raise SelfpruneError(
                 f"target {target} cannot be reached with per-layer bounds [{lo}, {hi}]: "
-                f"widen --bounds so that LO <= target <= HI"
+                f"widen {option('bounds')} so that LO <= target <= HI"
             )
         self.weights = weights / weights.sum()
         self.layer_params = [int(p) if float(p).is_integer() else float(p) for p in layer_params]

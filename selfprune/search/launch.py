@@ -1,25 +1,26 @@
-"""``selfprune search``: find per-layer pruning rates, then save the best pruned model.
+"""Setting up a search run: options -> ``config.json`` -> every object of the run.
 
-This module is the composition root: it turns options into a ``config.json`` and builds every object
-of a run (model, pruner, fitness, search space, operator) from that config alone, so ``--resume``
-rebuilds exactly the run that was interrupted.
+This module is the composition root behind ``selfprune search`` (its argparse lives in
+``selfprune.cli.search``): it turns options into a ``config.json`` and builds every object of a run (model,
+pruner, fitness, search space, operator) from that config alone, so a resume rebuilds exactly the run that
+was interrupted.
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from ..errors import SelfpruneError
 from ..io import atomic_write_json
-from .llm_operator import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
-from .runner import (CONFIG, MODEL_DIR, RESCORE, SUMMARY, RunSettings, SearchProblem, SearchRunner, create_run_dir,
-                     format_summary, load_run_config)
-from .space import DEFAULT_BOUNDS, SearchSpace, parse_bounds
+from .runner import MODEL_DIR, SUMMARY, RunSettings, SearchProblem, SearchRunner, create_run_dir, size_population
+from .space import SearchSpace, parse_bounds
 
-OPERATORS = ("llm", "evolution", "random", "owl", "uniform")
+# llm-random: the LLM operator's ablation (same prompts, repair and fallback; random replies instead of the LLM's).
+OPERATORS = ("llm", "llm-random", "evolution", "random", "owl", "uniform")
+PROMPTED_OPERATORS = ("llm", "llm-random")
 SEED_HEURISTICS = ("uniform", "owl")
 # Self-Pruner's setting: population 30 + 20 iterations x (10 crossovers + 10 mutations).
 DEFAULT_BUDGET = 430
@@ -27,106 +28,6 @@ DEFAULT_POPULATION = 30
 DEFAULT_RESCORE_WINDOWS = 64
 DEFAULT_OFFSPRING = 20
 CONFIG_VERSION = 1
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show "(default: X)" unless the help already explains the default (or there is none to show)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default" in text or action.default is None or action.default is False \
-                or action.default is argparse.SUPPRESS:
-            return text
-        return super()._get_help_string(action)
-
-
-def add_search_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "search",
-        help="search per-layer pruning rates (Self-Pruner LLM evolution or a baseline)",
-        description="Search one pruning rate per decoder layer whose parameter-weighted mean is the target, "
-                    "scoring candidates by the pruned model's perplexity; save the best pruned model in "
-                    "<out>/model. Kill it at any time and continue with --resume <out>.",
-        formatter_class=_HelpFormatter,
-    )
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run directory (default: runs/<operator>-t<target>-s<seed>)")
-    g.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue the run in RUN_DIR with its saved config; other options are ignored except "
-                        "--budget (to extend a run), --llm-base-url / --llm-api-key-env (the LLM server may have "
-                        "moved), --no-progress and --no-save-model")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (default: refuse)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random choice of the search")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
-    g.add_argument("--no-save-model", action="store_true",
-                   help="do not save the best pruned model (default: saved in <out>/model)")
-    g = p.add_argument_group("model and pruning")
-    g.add_argument("--model", default="default", help="hub id, model folder or .gguf file")
-    g.add_argument("--dtype", default="float32", help="weights dtype (float32, bfloat16, float16)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--criterion", default="flap", choices=("flap", "wanda_sp", "magnitude"),
-                   help="which heads/channels go inside a layer")
-    from ..accounting import GQA_POLICIES
-    from ..pruning import DEFAULT_GQA_POLICY, DEFAULT_STRUCTURE, STRUCTURES
-
-    g.add_argument("--structure", default=DEFAULT_STRUCTURE, choices=STRUCTURES,
-                   help="how a layer's rate is split between heads and MLP channels (see selfprune prune --help)")
-    g.add_argument("--gqa-policy", default=DEFAULT_GQA_POLICY, choices=GQA_POLICIES,
-                   help="query: remove query heads evenly from every KV group; group: remove whole KV groups")
-    g.add_argument("--target", type=float, default=None,
-                   help="fraction of the decoder layers' attention+MLP parameters to remove, in (0, 1) "
-                        "(required, no default)")
-    g.add_argument("--bounds", default=f"{DEFAULT_BOUNDS[0]:g},{DEFAULT_BOUNDS[1]:g}",
-                   help="lowest and highest rate of any layer, LO,HI")
-    g.add_argument("--calib-dataset", default="c4", help="calibration text: c4, wikitext2, ptb or a file")
-    g.add_argument("--calib-samples", type=int, default=64, help="calibration sequences")
-    g.add_argument("--data-dir", default=None, help="local data folder (default: $SELFPRUNE_DATA_DIR, else the hub)")
-    g = p.add_argument_group("fitness")
-    g.add_argument("--fitness", default="ppl", choices=("ppl", "kl"),
-                   help="ppl: perplexity of the pruned model; kl: KL divergence to the dense model's logits")
-    g.add_argument("--fitness-dataset", default="wikitext2", choices=("wikitext2", "c4", "ptb"),
-                   help="text scored during the search (always its validation split, never test)")
-    g.add_argument("--fitness-windows", type=int, default=16, help="number of seq-len windows scored per candidate")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per window (fitness and calibration)")
-    g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    g.add_argument("--rescore-top", type=int, default=None,
-                   help="multi-fidelity: at the end, score the N best candidates again on --rescore-windows "
-                        "and keep the best of those (default 0: off; may be changed on --resume)")
-    g.add_argument("--rescore-windows", type=int, default=None,
-                   help=f"windows of the same validation split for re-scoring (default {DEFAULT_RESCORE_WINDOWS})")
-    g = p.add_argument_group("search")
-    g.add_argument("--operator", default="llm", choices=OPERATORS,
-                   help="llm: Self-Pruner; evolution: EvoPress-style without LLM; random; owl; uniform")
-    g.add_argument("--budget", type=int, default=None,
-                   help=f"evaluations (distinct pruned models) (default: {DEFAULT_BUDGET}; 1 for uniform; "
-                        f"one per --owl-lambda for owl)")
-    g.add_argument("--population", type=int, default=DEFAULT_POPULATION, help="population size")
-    g.add_argument("--offspring", type=int, default=DEFAULT_OFFSPRING,
-                   help="children per iteration: half crossovers, half mutations")
-    g.add_argument("--seed-population", default=None,
-                   help="heuristics put into the initial population, comma-separated from "
-                        "uniform,owl, or none (default: none for llm, uniform for evolution and random)")
-    g.add_argument("--owl-lambda", default="0.08",
-                   help="OWL's rate spread; a comma list makes --operator owl sweep it (one evaluation each)")
-    g.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x the layer mean)")
-    g.add_argument("--evo-step", type=float, default=0.02, help="rate moved between two layers per mutation move")
-    g.add_argument("--tournament", type=int, default=3, help="tournament size of the numeric selection")
-    g = p.add_argument_group("LLM operator")
-    g.add_argument("--llm", default="openai:gpt-4o",
-                   help="openai:<model> (any OpenAI-compatible server), self (the model being pruned), "
-                        "or local:<hub id or folder>")
-    g.add_argument("--llm-base-url", default=None, help="base URL of an OpenAI-compatible server (default: OpenAI's)")
-    g.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    g.add_argument("--llm-retries", type=int, default=2, help="retries of an unusable LLM answer before the "
-                                                              "numeric operator fills the slot")
-    g.add_argument("--llm-temperature", type=float, default=0.7, help="sampling temperature")
-    g.add_argument("--llm-max-tokens", type=int, default=None,
-                   help="answer length limit (default: 8 per layer + 128, at least 256)")
-    g.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per LLM request")
-    g.add_argument("--prompt-version", default=DEFAULT_PROMPT_VERSION, choices=PROMPT_VERSIONS,
-                   help="prompt templates selfprune/prompts/<version>_*.txt (default %(default)s)")
-    p.set_defaults(func=run_search_command)
-    return p
 
 
 # -- config -------------------------------------------------------------------------------------------
@@ -143,7 +44,7 @@ def _floats(text: str, option: str) -> list[float]:
 
 def _seed_names(text: str | None, operator: str) -> list[str]:
     if text is None:
-        return [] if operator == "llm" else ["uniform"]
+        return [] if operator in PROMPTED_OPERATORS else ["uniform"]
     names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"]
     for n in names:
         if n not in SEED_HEURISTICS:
@@ -172,6 +73,7 @@ def build_config(args) -> dict:
     for option, value, low in (("--population", args.population, 1), ("--offspring", args.offspring, 1),
                                ("--fitness-windows", args.fitness_windows, 1), ("--seq-len", args.seq_len, 2),
                                ("--batch-size", args.batch_size, 1), ("--calib-samples", args.calib_samples, 1),
+                               ("--calib-seq-len", args.calib_seq_len, 2),
                                ("--llm-retries", args.llm_retries, 0), ("--tournament", args.tournament, 1)):
         if value < low:
             raise SelfpruneError(f"{option} {value} is too small: use at least {low}")
@@ -187,6 +89,7 @@ def build_config(args) -> dict:
     if budget is None:
         budget = {"uniform": 1, "owl": len(lambdas)}.get(args.operator, DEFAULT_BUDGET)
     n_cross = args.offspring // 2
+    population, population_note = size_population(args.operator, budget, args.population, args.offspring)
     return {
         "config_version": CONFIG_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -194,6 +97,7 @@ def build_config(args) -> dict:
         "model": args.model,
         "dtype": args.dtype,
         "device": args.device,
+        "device_map": args.device_map,
         "criterion": args.criterion,
         "structure": args.structure,
         "gqa_policy": args.gqa_policy,
@@ -201,23 +105,28 @@ def build_config(args) -> dict:
         "bounds": list(bounds),
         "operator": args.operator,
         "budget": budget,
-        "population": args.population,
+        "population": population,  # sized to the budget: see population_note
+        "population_requested": args.population,
+        "population_note": population_note,
+        "cache_key": "layer_shapes",  # runs made before it was the key used the rounded achieved fractions
         "crossovers": n_cross,
         "mutations": args.offspring - n_cross,
         "seed": args.seed,
         "seed_population": seeds,
         "owl": {"lambdas": lambdas, "m": args.owl_m},
         "evolution": {"step": args.evo_step, "tournament": args.tournament},
-        "llm": None if args.operator != "llm" else {
-            "spec": args.llm, "base_url": args.llm_base_url, "api_key_env": args.llm_api_key_env,
+        "llm": None if args.operator not in PROMPTED_OPERATORS else {
+            # the ablation asks no LLM: record none, so its config does not name a server it never used
+            **({"spec": args.llm, "base_url": args.llm_base_url, "api_key_env": args.llm_api_key_env}
+               if args.operator == "llm" else {"spec": None, "base_url": None, "api_key_env": None}),
             "retries": args.llm_retries, "temperature": args.llm_temperature, "max_tokens": args.llm_max_tokens,
             "timeout": args.llm_timeout, "prompt_version": args.prompt_version,
         },
         "fitness": {"kind": args.fitness, "dataset": args.fitness_dataset, "split": "validation",
                     "windows": args.fitness_windows, "seq_len": args.seq_len, "batch_size": args.batch_size},
         "rescore": _rescore_settings(None, args),
-        "calibration": {"source": args.calib_dataset, "num_samples": args.calib_samples, "seq_len": args.seq_len,
-                        "seed": args.seed},
+        "calibration": {"source": args.calib_dataset, "split": args.calib_split, "num_samples": args.calib_samples,
+                        "seq_len": args.calib_seq_len, "seed": args.calib_seed},
         "data_dir": args.data_dir,
         "versions": _versions(),
     }
@@ -266,15 +175,17 @@ def build_operator(config: dict, space: SearchSpace, problem: SearchProblem, run
     evo = config["evolution"]
     if name == "evolution":
         return EvolutionOperator(space, config["crossovers"], config["mutations"], evo["step"], evo["tournament"])
-    if name == "llm":
-        from .llm_operator import LLMOperator
+    if name in PROMPTED_OPERATORS:
+        from .llm_operator import LLMOperator, RandomReplyOperator
 
         llm = config["llm"]
-        return LLMOperator(backend, space, log_dir=run_dir / "llm", n_crossover=config["crossovers"],
-                           n_mutation=config["mutations"], retries=llm["retries"],
-                           prompt_version=llm["prompt_version"], temperature=llm["temperature"],
-                           max_tokens=llm["max_tokens"], fallback_step=evo["step"],
-                           tournament_size=evo["tournament"])
+        settings = dict(log_dir=run_dir / "llm", n_crossover=config["crossovers"], n_mutation=config["mutations"],
+                        retries=llm["retries"], prompt_version=llm["prompt_version"], temperature=llm["temperature"],
+                        max_tokens=llm["max_tokens"], fallback_step=evo["step"], tournament_size=evo["tournament"],
+                        fitness=config["fitness"]["kind"])
+        if name == "llm-random":
+            return RandomReplyOperator(space, **settings)
+        return LLMOperator(backend, space, **settings)
     raise SelfpruneError(f"unknown operator {name!r}: use one of {', '.join(OPERATORS)}")
 
 
@@ -293,10 +204,13 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     from selfprune.models import load_model
     from selfprune.pruning import CalibrationConfig, Pruner
 
-    model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=_device(config["device"]))
+    from .fitness import layer_shapes
+
+    model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=_device(config["device"]),
+                                  device_map=config.get("device_map"))
     c = config["calibration"]
-    calibration = CalibrationConfig(source=c["source"], num_samples=c["num_samples"], seq_len=c["seq_len"],
-                                    seed=c["seed"], data_dir=config["data_dir"])
+    calibration = CalibrationConfig(source=c["source"], split=c.get("split", "validation"), num_samples=c["num_samples"],
+                                    seq_len=c["seq_len"], seed=c["seed"], data_dir=config["data_dir"])
     pruner = Pruner(model, tokenizer, criterion=config["criterion"], calibration=calibration, progress=progress,
                     gqa_policy=config["gqa_policy"], structure=config["structure"])
     fitness = _make_fitness(pruner, config)
@@ -318,6 +232,7 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
         outlier_ratios=lambda: pruner.outlier_ratios(config["owl"]["m"]),
         finalize=finalize if save_model else None,
         rescore=_make_fitness(pruner, config, rescore["windows"]) if rescore["top"] else None,
+        shape_key=partial(layer_shapes, pruner) if config.get("cache_key") == "layer_shapes" else None,
     )
     backend = None
     if config["operator"] == "llm":
@@ -331,7 +246,7 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     if config["operator"] in ("uniform", "owl"):
         population = max(1, len(getattr(operator, "_proposals", [])))
     settings = RunSettings(budget=config["budget"], population=population, seed=config["seed"],
-                           rescore_top=rescore["top"])
+                           rescore_top=rescore["top"], population_note=config.get("population_note"))
     seeds = build_seeds(config["seed_population"], space, problem, config["owl"])
     runner = SearchRunner(run_dir, space, problem, operator, settings, seeds=seeds, progress=progress)
     summary = runner.run()
@@ -371,29 +286,84 @@ def apply_resume_overrides(config: dict, args) -> bool:
     if llm is not None:
         if args.llm_base_url is not None and args.llm_base_url != llm["base_url"]:
             llm["base_url"], changed = args.llm_base_url, True
-        if args.llm_api_key_env != "OPENAI_API_KEY" and args.llm_api_key_env != llm["api_key_env"]:
+        if args.llm_api_key_env is not None and args.llm_api_key_env != llm["api_key_env"]:
             llm["api_key_env"], changed = args.llm_api_key_env, True
     return changed
 
 
-def run_search_command(args) -> int:
-    if args.resume:
-        run_dir = Path(args.resume)
-        config = load_run_config(run_dir)
-        old_windows = (config.get("rescore") or {}).get("windows")
-        if apply_resume_overrides(config, args):
-            if config["rescore"]["windows"] != old_windows:  # earlier re-scores used other windows
-                (run_dir / RESCORE).unlink(missing_ok=True)
-            atomic_write_json(run_dir / CONFIG, config)
-        print(f"resuming {run_dir} with its saved settings ({run_dir / 'config.json'})", file=sys.stderr)
-    else:
-        config = build_config(args)
-        run_dir = Path(args.out) if args.out else default_out(config)
-        if run_dir.exists() and not args.overwrite:
-            raise SelfpruneError(f"{run_dir} already exists: pass --resume {run_dir} to continue it, "
-                                 f"--overwrite to replace it, or another --out")
-        create_run_dir(run_dir, config, overwrite=args.overwrite)
-    summary = execute(config, run_dir, progress=not args.no_progress, save_model=not args.no_save_model)
-    print(format_summary(summary))
-    print(f"run directory: {run_dir}")
-    return 0
+def config_for_disk(config: dict) -> dict:
+    """The config as written to config.json: URLs without credentials (a resumed run that needs them is
+    given --llm-base-url again)."""
+    from ..llm import redact_url
+
+    llm = config.get("llm")
+    if not llm or not llm.get("base_url"):
+        return config
+    return config | {"llm": llm | {"base_url": redact_url(llm["base_url"])}}
+
+
+REQUIRED_CONFIG_KEYS = ("model", "dtype", "device", "criterion", "target", "bounds", "operator", "budget", "population",
+                        "crossovers", "mutations", "seed", "seed_population", "owl", "evolution", "llm", "fitness",
+                        "calibration", "data_dir")
+
+
+def check_run_config(config: dict, path: Path) -> dict:
+    """A resumed run's config must hold every setting the run is rebuilt from."""
+    if not isinstance(config, dict):
+        raise SelfpruneError(f"{path} does not hold a run config (a JSON object): start a new run")
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise SelfpruneError(f"{path} lacks {', '.join(missing)}: it was edited or written by another tool; "
+                             "start a new run")
+    return config
+
+
+def finished_summary(run_dir: Path, config: dict) -> dict | None:
+    """The summary of a run that has nothing left to do (budget reached or operator finished), else None."""
+    from .runner import run_is_finished
+
+    return run_is_finished(run_dir, config)
+
+
+def plan_notes(config: dict) -> list[str]:
+    """What the run will do that the user may not expect (e.g. a budget too small for any evolution)."""
+    from .runner import budget_notes
+
+    return budget_notes(config)
+
+
+def preflight(config: dict) -> None:
+    """Everything checkable before the model loads: the LLM server, its key, the data."""
+    llm = config.get("llm")
+    if config["operator"] == "llm" and llm is not None:
+        from ..llm import preflight_backend
+
+        preflight_backend(llm["spec"], base_url=llm["base_url"], api_key_env=llm["api_key_env"],
+                          model=config["model"], timeout=float(llm.get("timeout") or 120.0))
+    from ..data import check_text_available
+
+    check_text_available(config["fitness"]["dataset"], config["fitness"]["split"], config["data_dir"])
+    check_text_available(config["calibration"]["source"], config["calibration"].get("split", "validation"),
+                         config["data_dir"])
+
+
+def start(config: dict, run_dir: Path, *, overwrite: bool, progress: bool = True, save_model: bool = True) -> dict:
+    """Create the run folder (an old run is replaced only once the new folder exists) and run it, holding the
+    folder's lock for the run's life. A new run that fails before its first evaluation (model, data, server)
+    leaves no folder behind, so the same command can simply be retried."""
+    from contextlib import nullcontext
+
+    from ..io import discard_on_failure, run_lock
+
+    fresh = not run_dir.exists()
+    with run_lock(run_dir), (discard_on_failure(run_dir) if fresh else nullcontext()):
+        create_run_dir(run_dir, config_for_disk(config), overwrite=overwrite)
+        return execute(config, run_dir, progress=progress, save_model=save_model)
+
+
+def resume(config: dict, run_dir: Path, *, progress: bool = True, save_model: bool = True) -> dict:
+    """Continue the run in ``run_dir`` under its lock (a second process is refused, naming this one)."""
+    from ..io import run_lock
+
+    with run_lock(run_dir):
+        return execute(config, run_dir, progress=progress, save_model=save_model)

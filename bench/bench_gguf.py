@@ -1,0 +1,189 @@
+"""Issue 13 benchmark: SmolLM2-135M pruned models in llama.cpp (GGUF), dense vs uniform FLAP and the best searched
+allocations at 20 / 30 / 50%, at f16, q8_0 and q4_k_m: file size, llama.cpp perplexity (WikiText-2 test, 80 windows
+of 128, the PyTorch evaluator's windows), prefill (256 tokens) and decode (32 tokens) tokens/s at 1 and 2 threads,
+time ratios vs dense of the same outtype measured in the same run (interleaved, medians) beside the FLOPs ideal,
+and the cost of odd MLP widths (the same rates with ``mlp_multiple=64``).
+
+    python bench/bench_gguf.py                       # everything (exports, perplexity, timing)
+    python bench/bench_gguf.py --retime              # keep sizes and perplexities, measure the speed again
+    python bench/bench_gguf.py --outtypes q8_0 --models dense,uniform-0.5   # a subset (merged into gguf.json)
+
+Pruning: FLAP, C4 calibration 64 x 128 seed 0 (the search runs' setting), each searched allocation with its own
+run's GQA policy; searched rates are the run with the best validation fitness per target in results/search*.json.
+The machine is shared: the load average is recorded before and after every timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from common import DATA_DIR, RESULTS, versions
+
+from selfprune.calibration import CalibrationConfig
+from selfprune.data import load_text, token_windows
+from selfprune.evaluation.llamacpp import compare_speed_gguf, gguf_facts, gguf_perplexity
+from selfprune.export import export_gguf, quantize_gguf
+from selfprune.io import atomic_write_json, atomic_write_text
+from selfprune.models import load_model
+from selfprune.pruning import Pruner
+
+OUTTYPES = ("f16", "q8_0", "q4_k_m")
+TARGETS = (0.2, 0.3, 0.5)
+WORK = Path(os.environ.get("SELFPRUNE_GGUF_WORK", "/tmp/selfprune-gguf-bench"))
+
+
+def searched_row(target: float) -> dict | None:
+    """The search run with the best validation fitness at ``target`` (never chosen on test)."""
+    rows = [r for path in sorted(RESULTS.glob("search*.json")) for r in json.loads(path.read_text())["rows"]
+            if r["target"] == target and r["operator"] != "uniform"]
+    return min(rows, key=lambda r: r["best_fitness_valid_ppl"]) if rows else None
+
+
+def model_specs() -> dict[str, dict]:
+    specs = {"dense": {"rates": None}}
+    for target in TARGETS:
+        specs[f"uniform-{target}"] = {"rates": target, "policy": "group", "mlp_multiple": 1, "source": "uniform FLAP"}
+        row = searched_row(target)
+        if row:
+            specs[f"searched-{target}"] = {"rates": row["best_rates"], "policy": row.get("gqa_policy", "group"),
+                                           "mlp_multiple": 1, "source": f"{row['operator']} (budget {row['budget']})"}
+    for target in (0.3, 0.5):  # odd widths vs widths rounded to 64, same rates
+        for base in (f"uniform-{target}", f"searched-{target}"):
+            if base in specs:
+                specs[f"{base}-mm64"] = specs[base] | {"mlp_multiple": 64}
+    return specs
+
+
+def export_all(names, outtypes, specs) -> dict[str, dict[str, Path]]:
+    """f32 from PyTorch once per model, then every outtype by llama.cpp's quantizer (f16 included)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    files = {name: {t: WORK / f"{name}.{t}.gguf" for t in outtypes} for name in names}
+    missing = [n for n in names if not all(p.exists() for p in files[n].values())]
+    if not missing:
+        return files
+    model, tokenizer = load_model("default")
+    calibration = CalibrationConfig(source="c4", num_samples=64, seq_len=128, seed=0, data_dir=DATA_DIR)
+    pruners = {}
+    for name in missing:
+        spec = specs[name]
+        if spec["rates"] is None:
+            pruned = model
+        else:
+            key = (spec["policy"], spec["mlp_multiple"])
+            if key not in pruners:
+                calib = next(iter(pruners.values())).calibration if pruners else calibration
+                pruners[key] = Pruner(model, tokenizer, "flap", calib, gqa_policy=key[0], mlp_multiple=key[1],
+                                      progress=False)
+            pruner = pruners[key]
+            rates = spec["rates"] if isinstance(spec["rates"], list) else [spec["rates"]] * pruner.num_layers
+            pruned, _ = pruner.build(rates)
+        f32 = export_gguf(pruned, tokenizer, WORK / f"{name}.f32.gguf", "f32", overwrite=True)
+        for outtype, path in files[name].items():
+            if not path.exists():
+                quantize_gguf(f32, path, outtype)
+        f32.unlink()
+        print(f"exported {name}", flush=True)
+    return files
+
+
+def render(data: dict) -> str:
+    lines = [
+        "# SmolLM2-135M in llama.cpp (GGUF, `deci` architecture): size, perplexity, speed",
+        "",
+        f"llama-cpp-python {data['settings'].get('llama_cpp_python')}, {data['settings'].get('cpu')}; perplexity: "
+        f"WikiText-2 test, {data['settings']['ppl_windows']} windows of 128 (the PyTorch evaluator's windows), computed by "
+        "llama.cpp; speed: prefill 256 tokens and decode 32 tokens, median of the repeats after warm-up, dense and pruned of "
+        "the same outtype interleaved in one run; ratio = pruned time / dense time, ideal = FLOPs ratio. "
+        "Load average (1 min) during each timing in the last column: the machine was shared, so ratios are noisy.",
+        "",
+        "| model | type | MiB | vs dense f16 | ppl | prefill tok/s 1t | 2t | ratio 1t | 2t | decode tok/s 1t | 2t | ratio 1t | 2t | ideal prefill / decode | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    dense_f16 = data["rows"].get("dense", {}).get("f16", {}).get("file_bytes")
+    for name, by_type in data["rows"].items():
+        for outtype, row in by_type.items():
+            size = row.get("file_bytes", 0) / 2**20
+            vs = f"{dense_f16 / row['file_bytes']:.2f}x smaller" if dense_f16 else ""
+            speed = row.get("speed") or {}
+            cells = []
+            for kind in ("prefill", "decode"):
+                per = speed.get("threads", {})
+                tps = [f"{per[t][kind]['pruned']['tokens_per_s']:.0f}" if t in per else "" for t in ("1", "2")]
+                ratio = [f"{per[t][kind]['time_ratio']:.3f}" if t in per and name != "dense" else "" for t in ("1", "2")]
+                cells += tps + ratio
+            ideal = ""
+            if speed.get("threads") and name != "dense":
+                any_t = next(iter(speed["threads"].values()))
+                ideal = f"{any_t['prefill']['ideal_ratio']:.3f} / {any_t['decode']['ideal_ratio']:.3f}"
+            load = f"{speed['load_average_before'][0]:.1f}" if speed else ""
+            ppl = f"{row['ppl']:.2f}" if row.get("ppl") else ""
+            lines.append(f"| {name} | {outtype} | {size:.1f} | {vs} | {ppl} | " + " | ".join(cells) + f" | {ideal} | {load} |")
+    lines += ["", "Searched allocations: " + "; ".join(f"{n}: {s['source']}" for n, s in data["specs"].items()
+                                                     if s.get("source", "").startswith(("llm", "random", "evolution")) and
+                                                     not n.endswith("mm64")),
+              "", "`-mm64`: the same rates with kept MLP widths rounded to a multiple of 64 (`mlp_multiple=64`)."]
+    if data.get("notes"):
+        lines += ["", *data["notes"]]
+    return "\n".join(lines)
+
+
+def save(data: dict) -> None:
+    atomic_write_json(RESULTS / "gguf.json", data)
+    atomic_write_text(RESULTS / "gguf.md", render(data) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--outtypes", default=",".join(OUTTYPES))
+    parser.add_argument("--models", default=None, help="comma-separated subset of the model names (default: all)")
+    parser.add_argument("--windows", type=int, default=80)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--retime", action="store_true", help="keep sizes and perplexities, measure speed again")
+    parser.add_argument("--no-speed", action="store_true", help="sizes and perplexity only")
+    args = parser.parse_args()
+    start = time.time()
+    specs = model_specs()
+    names = args.models.split(",") if args.models else list(specs)
+    outtypes = args.outtypes.split(",")
+    threads = [int(t) for t in args.threads.split(",")]
+    previous = json.loads((RESULTS / "gguf.json").read_text()) if (RESULTS / "gguf.json").exists() else {}
+    data = {"rows": previous.get("rows", {}), "specs": {n: {k: v for k, v in s.items() if k != "rates"} | {
+        "rates": s["rates"]} for n, s in specs.items()}, "settings": previous.get("settings", {}),
+        "notes": previous.get("notes", [])}
+    files = export_all(names, outtypes, specs)
+    _, tokenizer = load_model("default")
+    windows = token_windows(tokenizer, load_text("wikitext2", "test", DATA_DIR), 128, args.windows)
+    data["settings"] |= {"ppl_windows": int(windows.shape[0]), "versions": versions(), "threads": threads,
+                         "repeats": args.repeats, "warmup": args.warmup, "work_dir": str(WORK)}
+    for name in names:
+        for outtype in outtypes:
+            row = data["rows"].setdefault(name, {}).setdefault(outtype, {})
+            path = files[name][outtype]
+            row |= {"file_bytes": path.stat().st_size, "shapes": {k: v for k, v in gguf_facts(path).to_dict().items()
+                                                                  if k in ("heads", "kv_heads", "ffn")}}
+            if not args.retime or "ppl" not in row:
+                result = gguf_perplexity(path, tokenizer, windows=windows, threads=2)
+                row |= {"ppl": result["ppl"], "ppl_seconds": result["seconds"]}
+            if name != "dense" and not args.no_speed:
+                speed = compare_speed_gguf(path, files["dense"][outtype] if "dense" in files else WORK / f"dense.{outtype}.gguf",
+                                           threads=threads, repeats=args.repeats, warmup=args.warmup)
+                row["speed"] = speed
+                data["settings"] |= {"llama_cpp_python": speed["llama_cpp_python"], "cpu": speed["cpu"]}
+                if "dense" in data["rows"] and outtype in data["rows"]["dense"]:  # dense tok/s as timed beside it
+                    data["rows"]["dense"][outtype]["speed"] = {
+                        "load_average_before": speed["load_average_before"],
+                        "threads": {t: {k: {"pruned": r[k]["dense"]} for k in ("prefill", "decode")}
+                                    for t, r in speed["threads"].items()}}
+            print(f"{name} {outtype}: {row['file_bytes'] / 2**20:.1f} MiB, ppl {row.get('ppl', float('nan')):.2f}", flush=True)
+            data["settings"]["wall_seconds"] = round(time.time() - start)
+            save(data)
+    print(render(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Issue #9 benchmark: recovery of pruned SmolLM2-135M by distillation from the dense model (KD) or plain
+next-token loss (LM), full fine-tuning or LoRA (rank 16), at 0.1M / 0.5M training tokens of the C4 sample.
+
+Rows run in priority order (20% uniform FLAP first) and the script is resumable: a finished row is skipped,
+a killed training run is continued with ``selfprune recover --resume``, and results are written after every
+row. Each training run is a ``selfprune recover`` subprocess (peak RSS from its rusage); perplexity is
+WikiText-2 test, 80 windows of 128 tokens, like every other table here. ``--tasks`` adds the seven commonsense
+tasks (``--limit`` items each) for dense, uniform 20%, searched 20% and their recovered versions.
+
+    nice python bench/bench_recover.py [--only 'uniform 20%'] [--max-rows N] [--tasks --limit 500]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import DATA_DIR, RESULTS, versions
+
+from selfprune.io import atomic_write_json, atomic_write_text
+
+WORK = Path(os.environ.get("SELFPRUNE_BENCH_WORK", Path.home() / ".cache" / "selfprune" / "bench_recover"))
+RESULT = RESULTS / "recover.json"
+RECIPE = {"seq_len": 256, "batch_size": 4, "eval_every": 50, "checkpoint_every": 10, "heldout_sequences": 32}
+LORA_RANK = 16
+THREADS = None  # --threads: 1 on a CPU shared with other jobs (two threads spin against them)
+
+
+def base_models() -> list[dict]:
+    """(name, rates) of every pruned starting point, in priority order."""
+    searched = {}
+    for path in sorted(RESULTS.glob("search*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            if row["operator"] == "uniform":
+                continue
+            best = searched.get(row["target"])
+            if best is None or row["best_fitness_valid_ppl"] < best["best_fitness_valid_ppl"]:
+                searched[row["target"]] = row  # chosen on validation, never on test
+    bases = []
+    for target in (0.2, 0.5, 0.3):
+        bases.append({"name": f"uniform {target:.0%}", "target": target, "rates": target, "gqa_policy": "group"})
+        row = searched.get(target)
+        if row:
+            bases.append({"name": f"searched {target:.0%}", "target": target, "rates": row["best_rates"],
+                          "gqa_policy": row.get("gqa_policy", "group"), "from": row["operator"]})
+    return bases
+
+
+def plan(bases: list[dict]) -> list[dict]:
+    """Training rows in priority order: (1) uniform 20% KD vs LM full 0.1M; (2) LoRA; (3) 50%; then the rest."""
+    by_name = {b["name"]: b for b in bases}
+    rows = []
+
+    def add(base, method, lora, tokens):
+        if base in by_name:
+            rows.append({"base": base, "method": method, "lora": lora, "tokens": tokens})
+
+    for method in ("kd", "lm"):
+        add("uniform 20%", method, False, 100_000)
+    for method in ("kd", "lm"):  # a short first look, run first when the CPU is shared (~25 tokens/s)
+        add("uniform 20%", method, False, 20_000)
+    for method in ("kd", "lm"):
+        add("uniform 20%", method, True, 100_000)
+    for method in ("kd", "lm"):
+        add("uniform 50%", method, False, 100_000)
+    add("searched 20%", "kd", False, 100_000)
+    add("searched 50%", "kd", False, 100_000)
+    add("uniform 20%", "kd", False, 500_000)
+    add("searched 20%", "kd", False, 500_000)
+    add("uniform 50%", "kd", False, 500_000)
+    add("searched 50%", "kd", False, 500_000)
+    for base in ("uniform 50%", "uniform 30%", "searched 30%"):
+        add(base, "kd", True, 100_000)
+    add("uniform 30%", "kd", False, 100_000)
+    add("searched 30%", "kd", False, 100_000)
+    for row in rows:
+        row["name"] = f"{row['base']} {row['method']} {'lora' if row['lora'] else 'full'} {row['tokens'] / 1e6:g}M"
+    return rows
+
+
+def slug(name: str) -> str:
+    return name.replace("%", "").replace(" ", "-").replace(".", "_")
+
+
+def ensure_pruned(base: dict) -> Path:
+    """The pruned starting point as a folder (built once; FLAP, 64 calibration samples as the search runs)."""
+    out = WORK / "pruned" / slug(base["name"])
+    if (out / "config.json").is_file():
+        return out
+    from selfprune.calibration import CalibrationConfig
+    from selfprune.models import load_model
+    from selfprune.pruned_format import save_pruned
+    from selfprune.pruning import Pruner
+
+    model, tokenizer = load_model("default")
+    pruner = Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=64, data_dir=DATA_DIR),
+                    gqa_policy=base["gqa_policy"], progress=False)
+    rates = base["rates"] if isinstance(base["rates"], list) else [base["rates"]] * pruner.num_layers
+    pruned, report = pruner.build(rates)
+    save_pruned(pruned, tokenizer, out, {"report": report.to_dict()}, overwrite=True)
+    return out
+
+
+def train(row: dict, student: Path) -> dict:
+    """Run (or resume) ``selfprune recover`` for a row; returns wall time and peak RSS of this session."""
+    out = WORK / "recovered" / slug(row["name"])
+    if (out / "recovery_run.json").is_file():
+        call = f"resume_run({str(out)!r})"
+    else:
+        config = dict(RECIPE, method=row["method"], tokens=row["tokens"], lora_rank=LORA_RANK if row["lora"] else 0)
+        call = (f"recover_from_specs({str(student)!r}, {str(out)!r}, teacher='default', "
+                f"config=RecoveryConfig(**{config!r}), data_dir={DATA_DIR!r}, overwrite=True)")
+    # The library call `selfprune recover` makes (same arguments), without depending on the CLI's state.
+    threads = f"import torch; torch.set_num_threads({THREADS})\n" if THREADS else ""
+    script = f"{threads}from selfprune.recovery import RecoveryConfig, recover_from_specs, resume_run\n{call}\n"
+    print(call, flush=True)
+    start = time.time()
+    process = subprocess.Popen([sys.executable, "-c", script])
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{row['name']}: selfprune recover failed ({os.waitstatus_to_exitcode(status)})")
+    return {"out": out, "wall_seconds": time.time() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+_PPL = {}
+
+
+def wikitext_ppl(model_dir) -> dict:
+    from selfprune.models import load_model
+    from selfprune.perplexity import PerplexityEvaluator
+
+    model, tokenizer = load_model(str(model_dir))
+    if "evaluator" not in _PPL:
+        _PPL["evaluator"] = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, 80, 8, DATA_DIR)
+    return _PPL["evaluator"](model)
+
+
+def load_results() -> dict:
+    if RESULT.is_file():
+        return json.loads(RESULT.read_text())
+    return {"settings": {"recipe": RECIPE, "lora_rank": LORA_RANK, "data": "c4 sample (validation, 2k docs)",
+                         "ppl": "wikitext2 test, seq-len 128, 80 windows"},
+            "bases": {}, "rows": {}, "tasks": {}}
+
+
+def save(results: dict) -> None:
+    """Merge into what is on disk, so two invocations (e.g. --only kd and --only lm) can run side by side."""
+    on_disk = load_results()
+    for section in ("bases", "rows", "tasks"):
+        results[section] = on_disk[section] | results[section]
+    results["versions"] = versions()
+    atomic_write_json(RESULT, results)
+    atomic_write_text(RESULTS / "recover.md", table(results) + "\n")
+
+
+def table(results: dict) -> str:
+    dense = results["bases"].get("dense", {}).get("ppl")
+    lines = ["# Recovery benchmark: pruned SmolLM2-135M distilled from the dense model (KD) or fine-tuned (LM)", "",
+             "Generated by `bench/bench_recover.py` from `recover.json`. WikiText-2 test perplexity, seq-len 128, 80 "
+             f"windows (dense {dense:.2f}). " if dense else "", ]
+    recipe = results["settings"]["recipe"]
+    lines[-1] += (f"Training on the C4 sample, {recipe['batch_size']} x {recipe['seq_len']} tokens per step, AdamW "
+                  f"with 5% warm-up and cosine decay, lr 1e-4 full / 5e-4 LoRA (rank {results['settings']['lora_rank']}, "
+                  "q/k/v/o/gate/up/down, merged), fp32 on a shared 2-core CPU. Held-out: 32 C4 sequences never "
+                  "trained on (loss in nats/token, KL(teacher || student) per token).")
+    lines += ["", "| starting point | method | params | tokens | ppl before | ppl after | held-out loss before -> after "
+                  "| KL before -> after | train s | tokens/s | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"].values():
+        base = results["bases"][row["base"]]
+        s = row["summary"]
+        kl = (f"{s['initial']['heldout_kl']:.3f} -> {s['final']['heldout_kl']:.3f}"
+              if "heldout_kl" in s["final"] else "")
+        lines.append(f"| {row['base']} | {row['method']} | {'LoRA' if row['lora'] else 'full'} | {row['tokens']:,} "
+                     f"| {base['ppl']:.2f} | {row['ppl']:.2f} | {s['initial']['heldout_lm_loss']:.3f} -> "
+                     f"{s['final']['heldout_lm_loss']:.3f} | {kl} | {s['train_seconds']:.0f} | "
+                     f"{s['tokens'] / s['train_seconds']:.0f} | {row['peak_rss_mb']:.0f} |")
+    if results.get("tasks"):
+        from selfprune.evaluation.zero_shot import REPORTED_METRIC, TASKS
+
+        lines += ["", "Commonsense tasks, zero-shot, first N items of each task:", "",
+                  "| model | " + " | ".join(f"{t} ({REPORTED_METRIC[t]})" for t in TASKS) + " | average |",
+                  "|---|" + "---|" * (len(TASKS) + 1)]
+        for name, acc in results["tasks"].items():
+            lines.append(f"| {name} (limit {acc['limit']}) | " + " | ".join(f"{acc['tasks'][t]:.3f}" for t in TASKS)
+                         + f" | {acc['average']:.4f} |")
+    return "\n".join(lines)
+
+
+def zero_shot(results: dict, name: str, model_dir, limit: int) -> None:
+    if name in results["tasks"] and results["tasks"][name]["limit"] == limit:
+        return
+    from selfprune.evaluation.zero_shot import TASKS, evaluate_zero_shot
+    from selfprune.models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    acc = evaluate_zero_shot(model, tokenizer, list(TASKS), limit=limit, data_dir=DATA_DIR, batch_size=8)
+    results["tasks"][name] = {"limit": limit, "average": acc["average"],
+                              "tasks": {t: acc["tasks"][t]["value"] for t in TASKS}}
+    save(results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
+    parser.add_argument("--max-rows", type=int, default=None, help="stop after this many new rows")
+    parser.add_argument("--tasks", action="store_true", help="also run the commonsense tasks (slow)")
+    parser.add_argument("--limit", type=int, default=500, help="items per commonsense task")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for training and evaluation")
+    args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = load_results()
+    if "dense" not in results["bases"]:
+        from selfprune.models import resolve_model_spec
+
+        results["bases"]["dense"] = {"ppl": wikitext_ppl(resolve_model_spec("default"))["ppl"]}
+        save(results)
+    bases = {b["name"]: b for b in base_models()}
+    new_rows = 0
+    for row in plan(list(bases.values())):
+        if row["name"] in results["rows"] or (args.only and args.only not in row["name"]):
+            continue
+        if args.max_rows is not None and new_rows >= args.max_rows:
+            break
+        base = bases[row["base"]]
+        student = ensure_pruned(base)
+        if row["base"] not in results["bases"]:
+            results["bases"][row["base"]] = {k: v for k, v in base.items() if k != "rates"} | {
+                "ppl": wikitext_ppl(student)["ppl"]}
+            save(results)
+        run = train(row, student)
+        from selfprune.pruned_format import read_report
+
+        recovery = read_report(run["out"])["recovery"]
+        results["rows"][row["name"]] = row | {
+            "ppl": wikitext_ppl(run["out"])["ppl"], "summary": recovery["summary"], "settings": recovery["settings"],
+            "wall_seconds_last_session": run["wall_seconds"], "peak_rss_mb": run["peak_rss_mb"],
+            "curve": [{k: e[k] for k in ("step", "tokens", "heldout_lm_loss", "heldout_kl") if k in e}
+                      for e in recovery["curve"] if "heldout_lm_loss" in e]}
+        save(results)
+        new_rows += 1
+        print(row["name"], f"ppl {results['bases'][row['base']]['ppl']:.2f} -> {results['rows'][row['name']]['ppl']:.2f}",
+              flush=True)
+    if args.tasks:
+        from selfprune.models import resolve_model_spec
+
+        zero_shot(results, "dense", resolve_model_spec("default"), args.limit)
+        for base in ("uniform 20%", "searched 20%"):
+            if base in bases:
+                zero_shot(results, base, ensure_pruned(bases[base]), args.limit)
+            for name, row in results["rows"].items():
+                if row["base"] == base and row["tokens"] == 100_000 and not row["lora"]:
+                    zero_shot(results, name, WORK / "recovered" / slug(name), args.limit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""``selfprune ppl``: perplexity of a dense or pruned model in non-overlapping windows."""
+from __future__ import annotations
+
+from .common import (HelpFormatter, add_data_option, add_model_options, add_json_out_options, check_output,
+                     check_model, positive_int, resolve_device, say)
+
+
+def register(sub, parents=()):
+    p = sub.add_parser("ppl", parents=list(parents), formatter_class=HelpFormatter,
+                       help="perplexity on WikiText-2, PTB, the C4 sample or a local file")
+    add_model_options(p)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, ptb, c4, or a .txt/.jsonl path")
+    p.add_argument("--split", default="test", choices=("test", "validation"), help="split of the dataset")
+    p.add_argument("--seq-len", type=positive_int, default=128,
+                   help="window length (128 as FLAP/LLM-Pruner; 2048 as SliceGPT/OWL)")
+    p.add_argument("--max-windows", type=positive_int, default=None,
+                   help="cap on the number of windows; if not given, the whole split")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
+    add_json_out_options(p, "the result")
+    add_data_option(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..data import check_text_available
+    from ..io import atomic_write_json
+    from ..models import load_model
+    from ..perplexity import PerplexityEvaluator
+
+    out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
+    check_model(args.model, {"--seq-len": args.seq_len})
+    check_text_available(args.dataset, args.split, args.data_dir)
+    model, tokenizer = load_model(args.model, args.dtype, resolve_device(args.device), args.device_map)
+    evaluator = PerplexityEvaluator(tokenizer, args.dataset, args.split, args.seq_len, args.max_windows,
+                                    args.batch_size, args.data_dir, progress=True)
+    if args.max_windows is None:
+        say(f"scoring all {evaluator.windows.shape[0]:,} windows of {args.dataset}/{args.split}; the bar shows the "
+            "time left (--max-windows N scores fewer)")
+    result = {"model": args.model, **evaluator(model)}
+    print(f"{args.model}: {result['dataset']}/{result['split']} perplexity {result['ppl']:.3f} "
+          f"(seq-len {result['seq_len']}, {result['windows']} windows, {result['predicted_tokens']:,} predicted tokens)")
+    if out:
+        atomic_write_json(out, result)
+    return 0

@@ -1,0 +1,60 @@
+"""``selfprune speed``: prefill throughput, decode latency, memory and FLOPs, pruned vs dense in one run."""
+from __future__ import annotations
+
+from .common import (HelpFormatter, add_model_options, add_json_out_options, check_model, check_output,
+                     nonnegative_int, positive_int, resolve_device, say)
+
+
+def register(sub, parents=()):
+    from ..evaluation import speed
+
+    p = sub.add_parser("speed", parents=list(parents), formatter_class=HelpFormatter,
+                       help="prefill throughput, decode latency, memory and FLOPs: pruned vs dense in one run",
+                       description=speed.__doc__.split("\n\n")[0] + "\n\n" + speed.__doc__.split("\n\n")[1])
+    add_model_options(p, model_default=None,
+                      model_help="the pruned model: folder, .gguf file, hub id, or 'default'")
+    p.add_argument("--baseline", required=True, help="the dense model to compare with (same forms as --model)")
+    p.add_argument("--sweep", default="1x128,8x128", help="prefill settings BATCHxSEQLEN, comma-separated")
+    p.add_argument("--decode-tokens", type=nonnegative_int, default=32, help="tokens generated per decode run (0: skip decode)")
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt length before the decode run")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per setting and model (median reported)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed runs per setting and model first")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads; if not given, torch's choice (on a shared machine, fewer threads than "
+                        "cores give steadier numbers)")
+    add_json_out_options(p, "the full results")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from ..errors import SelfpruneError
+    from ..evaluation.speed import compare_speed, format_speed, parse_sweep
+    from ..io import atomic_write_json
+    from ..models import load_model
+
+    out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
+    sweep = parse_sweep(args.sweep)
+    if not sweep and args.decode_tokens < 1:
+        raise SelfpruneError("nothing to measure: give at least one --sweep setting or --decode-tokens >= 1")
+    lengths = {"--sweep length": max((s for _, s in sweep), default=0),
+               "--prompt-len + --decode-tokens": args.prompt_len + args.decode_tokens}
+    for spec in (args.model, args.baseline):
+        check_model(spec, lengths)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    model, _ = load_model(args.model, args.dtype, device, args.device_map)
+    baseline, _ = load_model(args.baseline, args.dtype, device, args.device_map)
+    say(f"timing {args.model} against {args.baseline}: {len(sweep)} prefill settings"
+        f"{' + decode' if args.decode_tokens else ''}, {args.warmup} warm-up + {args.repeats} timed runs each")
+    result = compare_speed(model, baseline, sweep=sweep, decode_tokens=args.decode_tokens, prompt_len=args.prompt_len,
+                           warmup=args.warmup, repeats=args.repeats, progress=True)
+    result |= {"model": args.model, "baseline": args.baseline, "dtype": args.dtype}
+    print(format_speed(result))
+    if out:
+        atomic_write_json(out, result)
+        print(f"wrote {out}")
+    return 0

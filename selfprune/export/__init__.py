@@ -1,0 +1,4 @@
+"""Export to serving formats: GGUF for llama.cpp (dense and pruned models, f32 / f16 / quantized)."""
+from .gguf_export import OUTTYPES, check_gguf_file, export_gguf, layer_shapes, quantize_gguf
+
+__all__ = ["OUTTYPES", "check_gguf_file", "export_gguf", "layer_shapes", "quantize_gguf"]

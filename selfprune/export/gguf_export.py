@@ -1,0 +1,452 @@
+"""Write a dense or pruned LLaMA / Mistral model as a GGUF file that stock llama.cpp runs.
+
+llama.cpp's plain ``llama`` graph uses layer 0's head counts and MLP width for every layer, so pruned
+models are written with the ``deci`` architecture (Nemotron-NAS), whose graph builds each layer with its
+own query heads, key-value heads and MLP width, and adds the optional ``attn_output`` / ``ffn_down`` biases
+that FLAP's compensation leaves. Dense models use the same writer (every layer has the same shape).
+
+What makes the file compute exactly what the PyTorch model computes:
+- q and k rows are permuted per layer with that layer's query / key-value head count, as llama.cpp's HF
+  converter does (its rope pairs dimensions i and i + head_dim/2 the GPT-J way after the permutation);
+- ``attention.key_length`` / ``value_length`` and the rope dimension are written as head_dim explicitly
+  (llama.cpp would otherwise derive them from layer 0, which may have been pruned);
+- rope base, rope scaling and the RMS epsilon come from the config; ``output.weight`` is always written;
+- the tokenizer fields are copied from a GGUF with the same vocabulary (the default model's) or built from
+  the Hugging Face tokenizer the way llama.cpp's converter builds a BPE vocabulary.
+
+Layers whose heads or MLP channels are all gone are written with 0 (llama.cpp skips that block), except
+where llama.cpp's ``deci`` graph would then compute something else: it drops the attention output of a
+layer whose MLP width is 0, ignores ``attn_output.bias`` when a layer has no heads, and derives head_dim
+from layer 0's head count. There one all-zero stand-in (a head, or an MLP channel) is written, which
+contributes exactly its bias (or nothing) and costs next to no compute.
+
+Other outtypes than f32 / f16 are made by llama.cpp's own quantizer from a temporary f32 file.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SelfpruneError
+
+log = logging.getLogger(__name__)
+
+ARCH = "deci"
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+#: outtype -> name of llama.cpp's ``LLAMA_FTYPE_*`` constant (f32 / f16 are written directly).
+OUTTYPES = {
+    "f32": "LLAMA_FTYPE_ALL_F32",
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+WRITTEN_DIRECTLY = ("f32", "f16")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What one block is written as (after stand-ins), and what the model itself has."""
+
+    heads: int
+    kv_heads: int
+    ffn: int
+    model_heads: int
+    model_ffn: int
+
+    @property
+    def stand_in_head(self) -> bool:
+        return self.heads != self.model_heads
+
+    @property
+    def stand_in_channel(self) -> bool:
+        return self.ffn != self.model_ffn
+
+
+def check_outtype(outtype: str) -> str:
+    key = outtype.lower()
+    if key not in OUTTYPES:
+        raise SelfpruneError(f"unknown GGUF outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    return key
+
+
+def check_exportable(model) -> None:
+    """A one-line error for a model the ``deci`` graph cannot express, before anything is written."""
+    from ..adapters import get_adapter
+
+    adapter = get_adapter(model)
+    family = adapter.model_type
+    if family == "qwen3":
+        raise SelfpruneError("Qwen3 cannot be exported to GGUF: llama.cpp's per-layer (deci) graph has no q/k norm; "
+                             "export LLaMA or Mistral models")
+    if family not in SUPPORTED_FAMILIES:
+        raise SelfpruneError(f"GGUF export supports {', '.join(SUPPORTED_FAMILIES)}, not {family!r}")
+    if family == "qwen2":
+        pruned = [i for i, layer in enumerate(adapter.layers()) if adapter.layer_shape(layer)[:2] != (adapter.num_heads, adapter.num_kv_heads)]
+        if pruned:
+            raise SelfpruneError(f"Qwen2 with pruned attention heads (layers {pruned[:5]}) cannot be exported to GGUF: "
+                                 "llama.cpp checks its q/k/v biases against the full width; prune only MLP channels")
+    window = getattr(model.config, "sliding_window", None)
+    if family == "mistral" and window and window < getattr(model.config, "max_position_embeddings", 0):
+        log.warning("sliding window %d is not written: llama.cpp's deci graph attends to the whole context", window)
+
+
+def layer_shapes(model) -> list[LayerShape]:
+    from ..adapters import get_adapter
+
+    adapter = get_adapter(model)
+    shapes = []
+    for index, layer in enumerate(adapter.layers()):
+        n_q, n_kv, width = adapter.layer_shape(layer)
+        heads, kv_heads, ffn = n_q, n_kv, width
+        o_bias = adapter.attention_linears(layer).o.bias is not None
+        down_bias = adapter.mlp_linears(layer).down.bias is not None
+        if n_q == 0 and (o_bias or index == 0):
+            heads, kv_heads = 1, 1
+        elif n_q == 0:
+            kv_heads = 0
+        if width == 0 and (heads > 0 or down_bias):
+            ffn = 1
+        if heads > 0 and kv_heads == 0:  # deci would read this as a "linear attention" block
+            raise SelfpruneError(f"layer {index} has query heads but no key-value heads: this model cannot be exported")
+        shapes.append(LayerShape(heads, kv_heads, ffn, n_q, width))
+    return shapes
+
+
+def _permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute``: HF's rotate-half layout to the interleaved pairs its rope expects."""
+    if n_heads == 0:
+        return weight
+    return (weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _rope_settings(config) -> tuple[float, dict]:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return float(theta), params
+
+
+def _llama3_rope_factors(params: dict, head_dim: int, theta: float) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter writes as ``rope_freqs`` for LLaMA-3 rope scaling."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old_context = params.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+# -- tokenizer ------------------------------------------------------------------------------------------
+def _hf_tokens(tokenizer, vocab_size: int) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    reverse = {i: t for t, i in vocab.items()}
+    return [reverse.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+
+
+def _gguf_tokens(path: Path) -> list[str] | None:
+    from .metadata import read_metadata
+
+    return read_metadata(path).get("tokenizer.ggml.tokens", (None,))[0]
+
+
+def default_model_gguf() -> Path | None:
+    """The GGUF the default model (SmolLM2) comes from, if installed."""
+    from ..models import loading
+
+    finder = getattr(loading, "packaged_default_gguf", None) or getattr(loading, "_packaged_default_gguf")
+    return finder()
+
+
+def find_tokenizer_gguf(tokenizer, vocab_size: int) -> Path | None:
+    """The packaged default model's GGUF when its vocabulary is this tokenizer's (SmolLM2), else None."""
+    from ..models.loading import packaged_default_gguf
+
+    candidate = packaged_default_gguf()
+    if candidate is None or tokenizer is None:
+        return None
+    tokens = _gguf_tokens(candidate)
+    return candidate if tokens is not None and tokens == _hf_tokens(tokenizer, vocab_size) else None
+
+
+def _copy_tokenizer_fields(writer, source: Path, vocab_size: int) -> None:
+    from .metadata import read_metadata
+
+    fields = {name: f for name, f in read_metadata(source).items() if name.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in fields:
+        raise SelfpruneError(f"{source} carries no tokenizer: give a GGUF file with tokenizer metadata")
+    count = len(fields["tokenizer.ggml.tokens"][0])
+    if count != vocab_size:
+        raise SelfpruneError(f"{source} has {count} tokens but the model has {vocab_size}: give the source model's GGUF")
+    for name, (value, kind, item_kind) in fields.items():
+        writer.add_key_value(name, value, kind, sub_type=item_kind)
+
+
+def _build_tokenizer_fields(writer, tokenizer, vocab_size: int) -> None:
+    """A BPE vocabulary from the HF tokenizer, as llama.cpp's converter builds it (``_set_vocab_gpt2``)."""
+    import json
+
+    import gguf
+
+    if tokenizer is None:
+        raise SelfpruneError("no tokenizer to write into the GGUF file: pass the model's tokenizer")
+    state = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    model = state.get("model", {})
+    if model.get("type") != "BPE":
+        raise SelfpruneError(f"only BPE tokenizers can be written into GGUF here, not {model.get('type')!r}: "
+                             "pass tokenizer_gguf, a GGUF file of the source model")
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    tokens = _hf_tokens(tokenizer, vocab_size)
+    types = [gguf.TokenType.UNUSED if t.startswith("[PAD") and t not in tokenizer.get_vocab()
+             else gguf.TokenType.CONTROL if t in added and added[t].special
+             else gguf.TokenType.USER_DEFINED if t in added else gguf.TokenType.NORMAL for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # llama.cpp's BPE loader needs the key; a merge of two special tokens never applies to text
+        special = [t for t, k in zip(tokens, types) if k == gguf.TokenType.CONTROL] or tokens[-1:]
+        merges = [f"{special[0]} {special[0]}"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    vocab = tokenizer.get_vocab()
+    for kind, token in (("bos", tokenizer.bos_token), ("eos", tokenizer.eos_token), ("pad", tokenizer.pad_token)):
+        if token in vocab:
+            getattr(writer, f"add_{kind}_token_id")(vocab[token])
+    writer.add_add_bos_token(False)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# -- writing --------------------------------------------------------------------------------------------
+def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
+    return tensor.detach().to(device="cpu", dtype=torch.float32).numpy().astype(dtype, copy=False)
+
+
+def _tensors(model, shapes: list[LayerShape]):
+    """(name, tensor) pairs in llama.cpp's naming, with stand-ins for emptied blocks."""
+    from ..adapters import get_adapter
+
+    adapter = get_adapter(model)
+    hidden, head_dim = adapter.hidden_size, adapter.head_dim
+    decoder = adapter.decoder()
+    embed = decoder.embed_tokens.weight
+    yield "token_embd.weight", embed
+    for index, (layer, shape) in enumerate(zip(adapter.layers(), shapes)):
+        attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
+        prefix = f"blk.{index}"
+        if shape.heads:
+            yield f"{prefix}.attn_norm.weight", layer.input_layernorm.weight
+            if shape.stand_in_head:  # zero q/k/v: the head's output is 0 and o_proj adds only its bias
+                zeros = torch.zeros(head_dim, hidden)
+                q = k = v = zeros
+                o = torch.zeros(hidden, head_dim)
+            else:
+                q = _permute_rope_rows(attn.q.weight, shape.heads)
+                k = _permute_rope_rows(attn.k.weight, shape.kv_heads)
+                v, o = attn.v.weight, attn.o.weight
+            yield f"{prefix}.attn_q.weight", q
+            yield f"{prefix}.attn_k.weight", k
+            yield f"{prefix}.attn_v.weight", v
+            yield f"{prefix}.attn_output.weight", o
+            if not shape.stand_in_head:
+                for name, linear, heads in (("attn_q", attn.q, shape.heads), ("attn_k", attn.k, shape.kv_heads)):
+                    if linear.bias is not None:
+                        yield f"{prefix}.{name}.bias", _permute_rope_rows(linear.bias, heads)
+                if attn.v.bias is not None:
+                    yield f"{prefix}.attn_v.bias", attn.v.bias
+            if attn.o.bias is not None:
+                yield f"{prefix}.attn_output.bias", attn.o.bias
+        if shape.ffn:
+            yield f"{prefix}.ffn_norm.weight", layer.post_attention_layernorm.weight
+            if shape.stand_in_channel:  # gate = up = 0: silu(0) * 0 = 0, so the block adds only down's bias
+                yield f"{prefix}.ffn_gate.weight", torch.zeros(1, hidden)
+                yield f"{prefix}.ffn_up.weight", torch.zeros(1, hidden)
+                yield f"{prefix}.ffn_down.weight", torch.zeros(hidden, 1)
+            else:
+                yield f"{prefix}.ffn_gate.weight", mlp.gate.weight
+                yield f"{prefix}.ffn_up.weight", mlp.up.weight
+                yield f"{prefix}.ffn_down.weight", mlp.down.weight
+                for name, linear in (("ffn_gate", mlp.gate), ("ffn_up", mlp.up)):
+                    if linear.bias is not None:
+                        yield f"{prefix}.{name}.bias", linear.bias
+            if mlp.down.bias is not None:
+                yield f"{prefix}.ffn_down.bias", mlp.down.bias
+    yield "output_norm.weight", decoder.norm.weight
+    yield "output.weight", model.get_output_embeddings().weight  # written even when tied to the embeddings
+
+
+def _write_gguf(model, tokenizer, path: Path, float_type: str, tokenizer_gguf: Path | None, name: str) -> None:
+    import gguf
+
+    from ..adapters import get_adapter
+
+    adapter = get_adapter(model)
+    config = model.config
+    shapes = layer_shapes(model)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    head_dim = adapter.head_dim
+    theta, rope = _rope_settings(config)
+    rope_type = (rope.get("rope_type") or rope.get("type") or "default").lower()
+
+    writer = gguf.GGUFWriter(str(path), ARCH)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if float_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_block_count(len(shapes))
+    writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+    writer.add_embedding_length(adapter.hidden_size)
+    writer.add_head_count([s.heads for s in shapes])
+    writer.add_head_count_kv([s.kv_heads for s in shapes])
+    writer.add_feed_forward_length([s.ffn for s in shapes])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(vocab_size)
+    extra = {}
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "llama3":
+        extra["rope_freqs.weight"] = _llama3_rope_factors(rope, head_dim, theta)
+    elif rope_type != "default":
+        raise SelfpruneError(f"rope scaling {rope_type!r} is not supported by the GGUF export: use default, linear or llama3")
+    if tokenizer_gguf is not None:
+        _copy_tokenizer_fields(writer, Path(tokenizer_gguf), vocab_size)
+    else:
+        _build_tokenizer_fields(writer, tokenizer, vocab_size)
+
+    weight_dtype = np.float32 if float_type == "f32" else np.float16
+    for tensor_name, array in extra.items():
+        writer.add_tensor(tensor_name, array)
+    for tensor_name, tensor in _tensors(model, shapes):
+        two_d = tensor.dim() == 2  # norms and biases stay f32, as llama.cpp's converter keeps them
+        writer.add_tensor(tensor_name, _array(tensor, weight_dtype if two_d else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _temp_sibling(path: Path, suffix: str) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _publish(tmp: Path, out_path: Path) -> None:
+    """Give the finished temporary file the umask's normal mode, flush it to disk and rename it into place."""
+    from ..io import default_file_mode
+
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, default_file_mode())
+    os.replace(tmp, out_path)
+
+
+def quantize_gguf(source: str | os.PathLike, out_path: str | os.PathLike, outtype: str, threads: int = 0) -> Path:
+    """llama.cpp's quantizer (through llama-cpp-python) from an f32/f16 GGUF; the output appears whole or not at all.
+
+    Tensors whose row length the target type cannot hold (an odd MLP width in ``ffn_down``) fall back to
+    another type inside llama.cpp (a 32-block type, else F16); the file is still valid.
+    """
+    import llama_cpp
+
+    outtype = check_outtype(outtype)
+    source, out_path = Path(source), Path(out_path)
+    check_gguf_file(source)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(out_path, ".partial")
+    try:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, OUTTYPES[outtype])
+        params.nthread = threads
+        with _quiet_native_output():  # llama.cpp prints one line per tensor
+            code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if code != 0:
+            raise SelfpruneError(f"llama.cpp could not quantize {source} to {outtype} (code {code}): try q8_0 or f16")
+        _publish(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def _quiet_native_output():
+    """llama-cpp-python's redirect of the C library's stdout/stderr, unless logging is at DEBUG level."""
+    import contextlib
+
+    try:
+        from llama_cpp._utils import suppress_stdout_stderr
+    except ImportError:
+        return contextlib.nullcontext()
+    return suppress_stdout_stderr(disable=log.isEnabledFor(logging.DEBUG))
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """A path that exists and starts with the GGUF magic, or a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfpruneError(f"GGUF file {path} does not exist: check the path")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise SelfpruneError(f"{path} is not a GGUF file (no GGUF header): give a .gguf file written by llama.cpp or selfprune export")
+    return path
+
+
+def export_gguf(model, tokenizer, out_path: str | os.PathLike, outtype: str = "f16",
+                tokenizer_gguf: str | os.PathLike | None = None, overwrite: bool = False, threads: int = 0) -> Path:
+    """Write ``model`` (dense or pruned LLaMA / Mistral) as a GGUF file llama.cpp runs; returns its path.
+
+    ``tokenizer_gguf``: a GGUF whose tokenizer fields are copied (same vocabulary); if None, the packaged
+    default model's GGUF when the vocabularies match, else a BPE vocabulary built from ``tokenizer``.
+    The file is written under a temporary name and renamed, so a failed export leaves nothing behind.
+    """
+    outtype = check_outtype(outtype)
+    out_path = Path(out_path).expanduser()
+    if out_path.exists() and not overwrite:
+        raise SelfpruneError(f"output file {out_path} already exists: choose another path or pass overwrite=True")
+    if out_path.is_dir():
+        raise SelfpruneError(f"output path {out_path} is a folder: give a file path ending in .gguf")
+    check_exportable(model)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    if tokenizer_gguf is not None:
+        tokenizer_gguf = check_gguf_file(tokenizer_gguf)
+    else:
+        tokenizer_gguf = find_tokenizer_gguf(tokenizer, vocab_size)
+    name = Path(getattr(model.config, "_name_or_path", "") or "model").name or "model"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    float_type = outtype if outtype in WRITTEN_DIRECTLY else "f32"
+    tmp = _temp_sibling(out_path, f".{float_type}.partial")
+    try:
+        _write_gguf(model, tokenizer, tmp, float_type, tokenizer_gguf, name)
+        if outtype in WRITTEN_DIRECTLY:
+            _publish(tmp, out_path)
+        else:
+            quantize_gguf(tmp, out_path, outtype, threads)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
