@@ -142,7 +142,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=80)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--threads", default="1,2", help="llama.cpp thread counts for the timing")
+    parser.add_argument("--ppl-threads", type=int, default=1,
+                        help="llama.cpp threads for perplexity (1: on a busy machine spinning threads wait on each other)")
     parser.add_argument("--retime", action="store_true", help="keep sizes and perplexities, measure speed again")
     parser.add_argument("--no-speed", action="store_true", help="sizes and perplexity only")
     args = parser.parse_args()
@@ -167,7 +169,7 @@ def main() -> None:
             row |= {"file_bytes": path.stat().st_size, "shapes": {k: v for k, v in gguf_facts(path).to_dict().items()
                                                                   if k in ("heads", "kv_heads", "ffn")}}
             if not args.retime or "ppl" not in row:
-                result = gguf_perplexity(path, tokenizer, windows=windows, threads=2)
+                result = gguf_perplexity(path, tokenizer, windows=windows, threads=args.ppl_threads)
                 row |= {"ppl": result["ppl"], "ppl_seconds": result["seconds"]}
             if name != "dense" and not args.no_speed:
                 speed = compare_speed_gguf(path, files["dense"][outtype] if "dense" in files else WORK / f"dense.{outtype}.gguf",

@@ -89,56 +89,94 @@ def usable_rates(args) -> None:
                 problem = SearchProblem([1] * 30, synthetic_fitness(space))
                 summary = SearchRunner(run, space, problem, operator, RunSettings(
                     budget=args.budget, population=args.population, seed=args.seed), progress=False).run()
-                calls = read_jsonl(run / "llm" / "calls.jsonl")
-                rate_calls = [c for c in calls if c["operator"] != "select"]
-                select_calls = [c for c in calls if c["operator"] == "select"]
-                llm = summary["llm"]
-                row = {
-                    "target": target, "prompt_version": version, "format_mode": backend.format_mode,
-                    "rate_calls": len(rate_calls),
-                    "rate_calls_usable": sum(c["status"] in ("valid", "repaired") for c in rate_calls),
-                    "rate_calls_duplicate": sum(c["status"] == "duplicate" for c in rate_calls),
-                    "rate_first_attempts": sum(c["attempt"] == 0 for c in rate_calls),
-                    "rate_first_attempts_usable": sum(c["attempt"] == 0 and c["status"] in ("valid", "repaired")
-                                                      for c in rate_calls),
-                    "slots": llm["valid"] + llm["repaired"] + llm["fallbacks"], "fallbacks": llm["fallbacks"],
-                    "select_calls": len(select_calls),
-                    "select_usable": sum(c["status"] in ("valid", "repaired") for c in select_calls),
-                    "select_valid": sum(c["status"] == "valid" for c in select_calls),
-                    "counts": llm, "sources": summary.get("sources"),
-                    "mean_seconds_per_call": llm["seconds"] / max(1, llm["calls"]),
-                    "mean_completion_tokens": llm["completion_tokens"] / max(1, llm["calls"]),
-                    "reasons": sorted({c["reason"] for c in calls if c["status"] == "unusable"})[:10],
-                }
+                row = usable_row(read_jsonl(run / "llm" / "calls.jsonl"), target, version, args.retries)
+                row.update(format_mode=backend.format_mode, evaluations=summary["evaluations"], complete=True,
+                           counts=summary["llm"], sources=summary.get("sources"))
                 rows.append(row)
                 print({k: v for k, v in row.items() if k not in ("counts", "reasons")}, flush=True)
     finally:
         stop_server(process)
+    settings = {**vars(args), "threads": args.threads}
+    write_results(args.results, {"rows": rows, "settings": settings, "versions": versions()}, usable_table(rows, settings))
 
+
+def usable_row(calls: list[dict], target: float, version: str, retries: int) -> dict:
+    """Reply counts of one search from its ``llm/calls.jsonl`` alone (so a run stopped early can be counted too).
+
+    A slot (one candidate asked for) is filled by the LLM when one of its attempts was usable, and by the numeric
+    fallback when its last attempt (``retries``) was not; a slot whose attempts stopped earlier was cut off."""
+    rate_calls = [c for c in calls if c["operator"] != "select"]
+    select_calls = [c for c in calls if c["operator"] == "select"]
+    usable = ("valid", "repaired")
+    slots: dict = {}
+    for c in rate_calls:
+        slots.setdefault((c["iteration"], c["operator"], c["slot"]), []).append(c)
+    filled = sum(any(c["status"] in usable for c in tries) for tries in slots.values())
+    fallbacks = sum(not any(c["status"] in usable for c in tries) and max(c["attempt"] for c in tries) >= retries
+                    for tries in slots.values())
+    return {
+        "target": target, "prompt_version": version,
+        "schema_enforced": all(c.get("structured") for c in calls),
+        "rate_calls": len(rate_calls),
+        "rate_calls_usable": sum(c["status"] in usable for c in rate_calls),
+        "rate_calls_valid": sum(c["status"] == "valid" for c in rate_calls),
+        "rate_calls_duplicate": sum(c["status"] == "duplicate" for c in rate_calls),
+        "rate_first_attempts": sum(c["attempt"] == 0 for c in rate_calls),
+        "rate_first_attempts_usable": sum(c["attempt"] == 0 and c["status"] in usable for c in rate_calls),
+        "slots": filled + fallbacks, "slots_from_llm": filled, "fallbacks": fallbacks,
+        "select_calls": len(select_calls),
+        "select_usable": sum(c["status"] in usable for c in select_calls),
+        "select_valid": sum(c["status"] == "valid" for c in select_calls),
+        "mean_seconds_per_call": sum(c["seconds"] for c in calls) / max(1, len(calls)),
+        "mean_completion_tokens": sum(c["completion_tokens"] for c in calls) / max(1, len(calls)),
+        "reasons": sorted({c["reason"] for c in calls if c["status"] == "unusable"})[:10],
+    }
+
+
+def count_stopped_run(run: Path, version: str, target: float, retries: int, name: str, args) -> None:
+    """Results for a --usable search that was stopped before its budget (session time): counted from its calls."""
+    row = usable_row(read_jsonl(run / "llm" / "calls.jsonl"), target, version, retries)
+    row.update(complete=False, evaluations=len(read_jsonl(run / "journal.jsonl")))
+    settings = {**vars(args), "stopped_run": str(run)}
+    write_results(name, {"rows": [row], "settings": settings, "versions": versions()}, usable_table([row], settings))
+
+
+def combine_usable(names: list[str], out: str) -> None:
+    """One table from several --usable result files (runs made in parallel, one per prompt version)."""
+    parts = [json.loads((RESULTS / f"{name}.json").read_text()) for name in names]
+    rows = [row for part in parts for row in part["rows"]]
+    settings = parts[0]["settings"]
+    write_results(out, {"rows": rows, "settings": [p["settings"] for p in parts], "versions": parts[0]["versions"],
+                        "combined_from": names}, usable_table(rows, settings))
+
+
+def usable_table(rows: list[dict], args: dict) -> str:
     def pct(a, b):
         return f"{a}/{b} ({100 * a / b:.0f}%)" if b else "-"
 
     lines = ["# Usable LLM replies: prompts v2 (before) vs v3 (after), SmolLM2-135M-Instruct (Q4_1) on llama.cpp", "",
              f"Each row: one short search driven by the real LLM operator against llama-cpp-python's server "
-             f"({args.threads} threads), population {args.population}, {args.offspring} children per generation, "
-             f"budget {args.budget} evaluations, {args.retries} retries per slot, temperature 0.7, seed {args.seed}; "
+             f"({args['threads']} thread{'s' if args['threads'] != 1 else ''}), population {args['population']}, {args['offspring']} children per "
+             f"generation, budget {args['budget']} evaluations, {args['retries']} retries per slot, temperature 0.7, "
+             f"seed {args['seed']}; "
              "30 equal layers, bounds 0..0.8. The fitness is a synthetic perplexity-like function of the rates (only "
              "the replies are measured here, no model is pruned). v2 asks for fractions under a schema of plain "
              "numbers; v3 asks for whole percentages under a schema of exactly 30 integers within the bounds, which "
              "the backend sends to this server as an enum (its grammar ignores minimum/maximum). Usable = valid or "
              "repaired (the repair step still moves the mean onto the target); a duplicate is a usable reply that "
              "repeats an evaluated candidate and is retried.", "",
-             "| target | prompts | JSON mode | rate replies usable | first attempts usable | duplicates | "
+             "| target | prompts | evaluations | rate replies usable | first attempts usable | duplicates | "
              "slots filled by the numeric fallback | parent picks usable (valid) | s/call |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['target']:g} | {r['prompt_version']} | {r['format_mode']} | "
+        stopped = "" if r.get("complete", True) else " (stopped early)"
+        lines.append(f"| {r['target']:g} | {r['prompt_version']} | {r.get('evaluations', '?')}{stopped} | "
                      f"{pct(r['rate_calls_usable'], r['rate_calls'])} | "
                      f"{pct(r['rate_first_attempts_usable'], r['rate_first_attempts'])} | {r['rate_calls_duplicate']} | "
                      f"{pct(r['fallbacks'], r['slots'])} | {pct(r['select_usable'], r['select_calls'])} "
                      f"({r['select_valid']}) | {r['mean_seconds_per_call']:.1f} |")
-    lines += ["", "Reasons for unusable replies (first 10 distinct per row) are in `llm_usable.json`."]
-    write_results("llm_usable", {"rows": rows, "settings": vars(args), "versions": versions()}, "\n".join(lines))
+    lines += ["", "Reasons for unusable replies (first 10 distinct per row) are in the JSON file beside this one."]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -154,7 +192,16 @@ def main() -> None:
     parser.add_argument("--offspring", type=int, default=10)
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default="llm_usable", help="name of the --usable result files")
+    parser.add_argument("--combine", default=None, help="comma-separated --usable result names to merge into --results")
+    parser.add_argument("--count-stopped", default=None,
+                        help="a --usable search folder stopped early: count its calls into --results")
     args = parser.parse_args()
+    if args.count_stopped:
+        return count_stopped_run(Path(args.count_stopped), args.versions, float(args.targets), args.retries,
+                                 args.results, args)
+    if args.combine:
+        return combine_usable(args.combine.split(","), args.results)
     if args.usable:
         return usable_rates(args)
     run = Path(args.run)

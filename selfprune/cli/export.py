@@ -1,7 +1,7 @@
 """``selfprune export``: write a dense or pruned model as a GGUF file that stock llama.cpp runs."""
 from __future__ import annotations
 
-from .common import HelpFormatter, add_overwrite_option, check_output, nonnegative_int, say
+from .common import HelpFormatter, add_overwrite_option, check_model, check_output, nonnegative_int, say
 
 
 def register(sub, parents=()):
@@ -26,14 +26,17 @@ def register(sub, parents=()):
 
 def run(args) -> int:
     from ..export import check_gguf_file, export_gguf, layer_shapes
+    from ..io import run_lock
     from ..models import load_model
 
     out = check_output(args.out, kind="file", overwrite=args.overwrite)
     if args.tokenizer_gguf:
         check_gguf_file(args.tokenizer_gguf)
-    model, tokenizer = load_model(args.model, "float32", "cpu")
-    path = export_gguf(model, tokenizer, out, args.outtype, tokenizer_gguf=args.tokenizer_gguf,
-                       overwrite=args.overwrite, threads=args.threads)
+    check_model(args.model)
+    with run_lock(out):  # a second export to the same file is refused at once
+        model, tokenizer = load_model(args.model, "float32", "cpu")
+        path = export_gguf(model, tokenizer, out, args.outtype, tokenizer_gguf=args.tokenizer_gguf,
+                           overwrite=args.overwrite, threads=args.threads)
     shapes = layer_shapes(model)
     say(f"per-layer query heads {[s.heads for s in shapes]}, MLP widths {[s.ffn for s in shapes]}")
     print(f"{path}: {args.outtype} GGUF (llama.cpp architecture 'deci'), {path.stat().st_size / 2**20:.1f} MiB")

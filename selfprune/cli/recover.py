@@ -49,7 +49,7 @@ def register(sub, parents=()):
     p.add_argument("--data", default="c4", help="training text: c4 (the sample in the data folder) or a .txt/.jsonl path")
     p.add_argument("--data-split", default="validation", choices=("validation", "test"),
                    help="split of --data (test splits of wikitext2 / ptb are refused)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per packed training sequence")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per packed training sequence")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--learning-rate", "--lr", type=positive_float, default=None,

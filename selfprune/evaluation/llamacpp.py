@@ -59,7 +59,7 @@ def gguf_facts(path: str | os.PathLike) -> GGUFFacts:
     from gguf import LlamaFileType
 
     from ..export import check_gguf_file
-    from ..export.metadata import read_metadata
+    from ..models.gguf_metadata import read_metadata
 
     path = check_gguf_file(path)
     fields = read_metadata(path)

@@ -167,7 +167,7 @@ def _hf_tokens(tokenizer, vocab_size: int) -> list[str]:
 
 
 def _gguf_tokens(path: Path) -> list[str] | None:
-    from .metadata import read_metadata
+    from ..models.gguf_metadata import read_metadata
 
     return read_metadata(path).get("tokenizer.ggml.tokens", (None,))[0]
 
@@ -192,7 +192,7 @@ def find_tokenizer_gguf(tokenizer, vocab_size: int) -> Path | None:
 
 
 def _copy_tokenizer_fields(writer, source: Path, vocab_size: int) -> None:
-    from .metadata import read_metadata
+    from ..models.gguf_metadata import read_metadata
 
     fields = {name: f for name, f in read_metadata(source).items() if name.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in fields:

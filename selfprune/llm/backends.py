@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -711,9 +710,11 @@ def _has_chat_template(path: Path) -> bool | None:
     """Whether a model folder or .gguf file carries a chat template, read from its small files only; None when
     that cannot be told without loading it."""
     if path.is_file() and path.suffix == ".gguf":
+        from ..models.gguf_metadata import read_metadata
+
         try:
-            return _gguf_has_key(path, "tokenizer.chat_template")
-        except (OSError, ValueError, struct.error):  # an unreadable GGUF is the loader's to report
+            return "tokenizer.chat_template" in read_metadata(path)
+        except Exception:  # an unreadable GGUF is the loader's to report
             return None
     if not path.is_dir():
         return None
@@ -726,49 +727,6 @@ def _has_chat_template(path: Path) -> bool | None:
         return bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
     except (OSError, ValueError, AttributeError):
         return None
-
-
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _gguf_has_key(path: Path, wanted: str) -> bool:
-    """Whether a GGUF file's metadata holds ``wanted``, walking only the key/value header (gguf.GGUFReader
-    parses every tensor and token array, several seconds for a 135M model)."""
-    with open(path, "rb") as f:
-        def unpack(fmt: str):
-            size = struct.calcsize(fmt)
-            data = f.read(size)
-            if len(data) != size:
-                raise ValueError("truncated GGUF header")
-            return struct.unpack(fmt, data)[0]
-
-        def skip(value_type: int) -> None:
-            if value_type == _GGUF_STRING:
-                f.seek(unpack("<Q"), 1)
-            elif value_type == _GGUF_ARRAY:
-                item_type, count = unpack("<I"), unpack("<Q")
-                if item_type in _GGUF_SCALAR_SIZES:
-                    f.seek(_GGUF_SCALAR_SIZES[item_type] * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(item_type)
-            elif value_type in _GGUF_SCALAR_SIZES:
-                f.seek(_GGUF_SCALAR_SIZES[value_type], 1)
-            else:
-                raise ValueError(f"unknown GGUF value type {value_type}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        if unpack("<I") < 2:
-            raise ValueError("GGUF version 1 (32-bit counts) is not read here")
-        unpack("<Q")  # tensor count
-        for _ in range(unpack("<Q")):
-            key = f.read(unpack("<Q")).decode("utf-8", "replace")
-            if key == wanted:
-                return True
-            skip(unpack("<I"))
-    return False
 
 
 def _no_chat_template(name: str) -> str:

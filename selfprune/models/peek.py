@@ -29,15 +29,14 @@ def model_config_dict(spec: str | None) -> dict | None:
 
 
 def _gguf_config(path: Path) -> dict | None:
-    try:
-        from gguf import GGUFReader
+    from .gguf_metadata import read_metadata
 
-        reader = GGUFReader(str(path))
-        arch_field = reader.fields.get("general.architecture")
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        field = reader.fields.get(f"{arch}.context_length")
-        return {"max_position_embeddings": int(field.parts[field.data[0]][0])} if field else {}
-    except Exception:
+    try:
+        fields = read_metadata(path)
+        arch = fields["general.architecture"][0]
+        context = fields.get(f"{arch}.context_length")
+        return {"max_position_embeddings": int(context[0])} if context else {}
+    except Exception:  # an unreadable file is the loader's to report
         return None
 
 

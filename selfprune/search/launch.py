@@ -27,7 +27,9 @@ DEFAULT_BUDGET = 430
 DEFAULT_POPULATION = 30
 DEFAULT_RESCORE_WINDOWS = 64
 DEFAULT_OFFSPRING = 20
-CONFIG_VERSION = 1
+# 2: "flap" squares the o_proj metric before the per-head sum (FLAP's reference); version-1 runs scored heads
+# unsquared, so they resume with "flap_unsquared" and keep ranking heads as they did.
+CONFIG_VERSION = 2
 
 
 # -- config -------------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     c = config["calibration"]
     calibration = CalibrationConfig(source=c["source"], split=c.get("split", "validation"), num_samples=c["num_samples"],
                                     seq_len=c["seq_len"], seed=c["seed"], data_dir=config["data_dir"])
-    pruner = Pruner(model, tokenizer, criterion=config["criterion"], calibration=calibration, progress=progress,
+    pruner = Pruner(model, tokenizer, criterion=run_criterion(config), calibration=calibration, progress=progress,
                     gqa_policy=config["gqa_policy"], structure=config["structure"])
     fitness = _make_fitness(pruner, config)
     rescore = config.get("rescore") or {"top": 0, "windows": 0}  # runs made before multi-fidelity have none
@@ -289,6 +291,13 @@ def apply_resume_overrides(config: dict, args) -> bool:
         if args.llm_api_key_env is not None and args.llm_api_key_env != llm["api_key_env"]:
             llm["api_key_env"], changed = args.llm_api_key_env, True
     return changed
+
+
+def run_criterion(config: dict) -> str:
+    """The criterion a run was scored with (see CONFIG_VERSION)."""
+    if config.get("config_version", 1) < 2 and config["criterion"] == "flap":
+        return "flap_unsquared"
+    return config["criterion"]
 
 
 def config_for_disk(config: dict) -> dict:

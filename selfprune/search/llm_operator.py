@@ -21,6 +21,15 @@ iteration, operation, slot and attempt, and the same prompt and seed) from the l
 does not log it again. Classification, claims and random draws are replayed exactly, so the batch comes out
 as the uninterrupted run's, and only the calls that never returned are made.
 
+Replies usable by construction (prompt version v3, the default): rates are asked for as whole percentages
+with a JSON schema of exactly ``num_layers`` integers within the bounds, and parent picks with the population's
+ids as an enum. A backend that enforces schemas (OpenAI, vLLM, llama.cpp) can then only return a list of the
+right length within the bounds; the repair step still moves the mean onto the target. Servers without schema
+support get the same prompts and are parsed leniently.
+
+The ablation :class:`RandomReplyOperator` (``--operator llm-random``) runs this operator with every reply
+replaced by a random valid one, so comparing the two measures what the LLM's content adds.
+
 The operator works with any object that has the ``ChatBackend`` interface (``complete(messages, ...)``).
 """
 from __future__ import annotations
