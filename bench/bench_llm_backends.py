@@ -15,6 +15,18 @@ synthetic perplexity-like function of the rates (no model is pruned: only the re
 prompts have the form and size of a real search's; results go to ``results/llm_usable.{json,md}``.
 
     python bench/bench_llm_backends.py --usable [--versions v2,v3] [--targets 0.3] [--budget 30] [--threads 2]
+
+The committed ``llm_usable`` results came from four such searches run in parallel on the shared 2-core machine
+(so seconds per call are inflated by contention), each counted again from its folder with ``--count-run`` (the
+runs' own rows had an older form), then combined:
+
+    S="--budget 14 --population 6 --offspring 8 --threads 1"
+    python bench/bench_llm_backends.py --usable --versions v3 --targets 0.3 $S --results llm_usable_v3
+    python bench/bench_llm_backends.py --usable --versions v3 --targets 0.5 $S --results llm_usable_v3_50
+    python bench/bench_llm_backends.py --usable --versions v3 --targets 0.2 $S --results llm_usable_v3_20
+    python bench/bench_llm_backends.py --usable --versions v2 --targets 0.3 $S --results llm_usable_v2
+    python bench/bench_llm_backends.py --count-run <its folder> --versions v2 --targets 0.3 $S --results llm_usable_v2
+    python bench/bench_llm_backends.py --combine llm_usable_v2,llm_usable_v3_20,llm_usable_v3,llm_usable_v3_50
 """
 from __future__ import annotations
 
@@ -28,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, versions, write_results
+from common import REPO, RESULTS, versions, write_results
 
 from selfprune.io import read_jsonl
 from selfprune.llm import OpenAICompatibleBackend, TransformersChatBackend
@@ -133,11 +145,15 @@ def usable_row(calls: list[dict], target: float, version: str, retries: int) -> 
     }
 
 
-def count_stopped_run(run: Path, version: str, target: float, retries: int, name: str, args) -> None:
-    """Results for a --usable search that was stopped before its budget (session time): counted from its calls."""
+def count_run(run: Path, version: str, target: float, retries: int, name: str, args) -> None:
+    """Results for one --usable search folder counted from its files, e.g. one stopped before its budget by
+    session time (it has no summary.json: "stopped early" in the table)."""
     row = usable_row(read_jsonl(run / "llm" / "calls.jsonl"), target, version, retries)
-    row.update(complete=False, evaluations=len(read_jsonl(run / "journal.jsonl")))
-    settings = {**vars(args), "stopped_run": str(run)}
+    row.update(complete=(run / "summary.json").is_file(), evaluations=len(read_jsonl(run / "journal.jsonl")))
+    if row["complete"]:
+        summary = json.loads((run / "summary.json").read_text())
+        row.update(counts=summary["llm"], sources=summary.get("sources"))
+    settings = {**vars(args), "counted_run": str(run)}
     write_results(name, {"rows": [row], "settings": settings, "versions": versions()}, usable_table([row], settings))
 
 
@@ -194,12 +210,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="llm_usable", help="name of the --usable result files")
     parser.add_argument("--combine", default=None, help="comma-separated --usable result names to merge into --results")
-    parser.add_argument("--count-stopped", default=None,
-                        help="a --usable search folder stopped early: count its calls into --results")
+    parser.add_argument("--count-run", default=None,
+                        help="a --usable search folder (e.g. one stopped early): count its calls into --results")
     args = parser.parse_args()
-    if args.count_stopped:
-        return count_stopped_run(Path(args.count_stopped), args.versions, float(args.targets), args.retries,
-                                 args.results, args)
+    if args.count_run:
+        return count_run(Path(args.count_run), args.versions, float(args.targets), args.retries, args.results, args)
     if args.combine:
         return combine_usable(args.combine.split(","), args.results)
     if args.usable:

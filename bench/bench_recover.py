@@ -227,7 +227,8 @@ def main() -> None:
     bases = {b["name"]: b for b in base_models()}
     new_rows = 0
     for row in plan(list(bases.values())):
-        if row["name"] in results["rows"] or (args.only and args.only not in row["name"]):
+        results = load_results() | {k: v for k, v in results.items() if k not in ("bases", "rows", "tasks")}
+        if row["name"] in results["rows"] or (args.only and args.only not in row["name"]):  # done by any run
             continue
         if args.max_rows is not None and new_rows >= args.max_rows:
             break

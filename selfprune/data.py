@@ -213,51 +213,82 @@ def load_text_file(path: Path) -> TextSource:
     return TextSource(path.stem, "file", documents, str(path))
 
 
-def token_windows(tokenizer, source: TextSource, seq_len: int, max_windows: int | None = None):
-    """Non-overlapping windows of ``seq_len`` tokens over the whole joined text (the standard perplexity setup)."""
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before every text (Gemma, LLaMA-2), or None when it adds none (SmolLM2).
+
+    Models trained with a BOS at the start of every sequence score windows without one badly (Gemma 3 270M:
+    perplexity 245 instead of 45), so windows of such tokenizers start with it, as llama.cpp's perplexity does.
+    """
+    marked = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None and len(marked) > len(plain) and marked[0] == bos else None
+
+
+def _text_ids(tokenizer, text: str, bos: int | None):
+    """The text's token ids, without the BOS the windows get one by one."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=bos is None).input_ids[0]
+
+
+def _with_bos(windows, bos: int | None):
     import torch
 
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def token_windows(tokenizer, source: TextSource, seq_len: int, max_windows: int | None = None):
+    """Non-overlapping windows of ``seq_len`` tokens over the whole joined text (the standard perplexity setup);
+    with a tokenizer that marks every text with a BOS, each window is that BOS and ``seq_len - 1`` text tokens."""
+    import torch
+
+    bos = bos_token_id(tokenizer)
+    width = seq_len - (bos is not None)
     text = source.joined()
     ids = None
     if max_windows is not None:
         # Tokenize only a prefix: tokens before the last few of a prefix equal the full text's tokens.
-        needed = max_windows * seq_len + 64
-        prefix = tokenizer(text[: needed * 8], return_tensors="pt").input_ids[0]
+        needed = max_windows * width + 64
+        prefix = _text_ids(tokenizer, text[: needed * 8], bos)
         if prefix.numel() >= needed and needed * 8 < len(text):
             ids = prefix[: needed - 64]
     if ids is None:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    count = ids.numel() // seq_len
+        ids = _text_ids(tokenizer, text, bos)
+    count = ids.numel() // width if width > 0 else 0
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
         raise SelfpruneError(f"{source.name}/{source.split} has fewer than {seq_len} tokens: lower {option('seq_len')}")
-    return ids[: count * seq_len].view(count, seq_len).to(torch.long)
+    return _with_bos(ids[: count * width].view(count, width).to(torch.long), bos)
 
 
 def calibration_batch(tokenizer, source: TextSource, num_samples: int, seq_len: int, seed: int):
-    """Random ``seq_len``-token windows from documents long enough to hold one (Wanda / SparseGPT sampling)."""
+    """Random ``seq_len``-token windows from documents long enough to hold one (Wanda / SparseGPT sampling);
+    with a BOS-marking tokenizer each starts with the BOS, as the model saw text in training."""
     import torch
 
+    bos = bos_token_id(tokenizer)
+    width = seq_len - (bos is not None)
     rng = random.Random(seed)
     order = list(range(len(source.documents)))
     rng.shuffle(order)
     samples = []
     for index in order:
-        ids = tokenizer(source.documents[index], return_tensors="pt").input_ids[0]
-        if ids.numel() <= seq_len:
+        ids = _text_ids(tokenizer, source.documents[index], bos)
+        if ids.numel() <= width:
             continue
-        start = rng.randint(0, ids.numel() - seq_len - 1)
-        samples.append(ids[start : start + seq_len])
+        start = rng.randint(0, ids.numel() - width - 1)
+        samples.append(ids[start : start + width])
         if len(samples) == num_samples:
             break
     if len(samples) < num_samples:
         # Short documents (PTB sentences): fall back to windows over the joined stream.
-        stream = tokenizer(source.joined(), return_tensors="pt").input_ids[0]
-        if stream.numel() <= seq_len:
+        stream = _text_ids(tokenizer, source.joined(), bos)
+        if stream.numel() <= width:
             raise SelfpruneError(f"{source.name} has fewer than {seq_len} tokens: lower the calibration sequence length "
                                  "(--calib-seq-len; CalibrationConfig.seq_len in Python)")
         while len(samples) < num_samples:
-            start = rng.randint(0, stream.numel() - seq_len - 1)
-            samples.append(stream[start : start + seq_len])
-    return torch.stack(samples).to(torch.long)
+            start = rng.randint(0, stream.numel() - width - 1)
+            samples.append(stream[start : start + width])
+    return _with_bos(torch.stack(samples).to(torch.long), bos)

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import load_text, token_windows
+from .data import bos_token_id, load_text, token_windows
 
 
 class PerplexityEvaluator:
@@ -25,13 +25,15 @@ class PerplexityEvaluator:
             raise SelfpruneError(f"{option('seq_len')} {seq_len} is too short: use at least 2 (128 or 2048 are standard)")
         self.source = load_text(dataset, split, data_dir)
         self.windows = token_windows(tokenizer, self.source, seq_len, max_windows)
+        self.bos_per_window = bos_token_id(tokenizer) is not None
         self.seq_len, self.batch_size, self.progress = seq_len, batch_size, progress
 
     @property
     def settings(self) -> dict:
         return {"dataset": self.source.name, "split": self.source.split, "origin": self.source.origin,
                 "seq_len": self.seq_len, "windows": int(self.windows.shape[0]),
-                "tokens": int(self.windows.numel()), "predicted_tokens": self.predicted_tokens}
+                "tokens": int(self.windows.numel()), "predicted_tokens": self.predicted_tokens,
+                "bos_per_window": self.bos_per_window}
 
     @property
     def predicted_tokens(self) -> int:

@@ -1,7 +1,7 @@
 """``selfprune export``: write a dense or pruned model as a GGUF file that stock llama.cpp runs."""
 from __future__ import annotations
 
-from .common import HelpFormatter, add_overwrite_option, check_model, check_output, nonnegative_int, say
+from .common import HelpFormatter, add_overwrite_option, check_model, check_output, positive_int, say
 
 
 def register(sub, parents=()):
@@ -18,7 +18,7 @@ def register(sub, parents=()):
     p.add_argument("--tokenizer-gguf", default=None,
                    help="GGUF file whose tokenizer fields are copied (same vocabulary); if not given, the default "
                         "model's GGUF when the vocabularies match, else a BPE vocabulary built from the model's tokenizer")
-    p.add_argument("--threads", type=nonnegative_int, default=0, help="quantizer threads (0: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="quantizer threads; if not given, all cores")
     add_overwrite_option(p)
     p.set_defaults(func=run)
     return p
@@ -36,7 +36,7 @@ def run(args) -> int:
     with run_lock(out):  # a second export to the same file is refused at once
         model, tokenizer = load_model(args.model, "float32", "cpu")
         path = export_gguf(model, tokenizer, out, args.outtype, tokenizer_gguf=args.tokenizer_gguf,
-                           overwrite=args.overwrite, threads=args.threads)
+                           overwrite=args.overwrite, threads=args.threads or 0)
     shapes = layer_shapes(model)
     say(f"per-layer query heads {[s.heads for s in shapes]}, MLP widths {[s.ffn for s in shapes]}")
     print(f"{path}: {args.outtype} GGUF (llama.cpp architecture 'deci'), {path.stat().st_size / 2**20:.1f} MiB")

@@ -57,7 +57,9 @@ def register(sub, parents=()):
                         "for a new run, unchanged on --resume")
     g = p.add_argument_group("search")
     g.add_argument("--operator", default="llm", choices=OPERATORS,
-                   help="llm: Self-Pruner; evolution: EvoPress-style without LLM; random; owl; uniform")
+                   help="llm: Self-Pruner; llm-random: its ablation (same prompts, repair, fallback and budget, but "
+                        "random valid replies instead of the LLM's); evolution: EvoPress-style without LLM; random; "
+                        "owl; uniform")
     g.add_argument("--budget", type=positive_int, default=None,
                    help=f"evaluations (distinct pruned models); if not given: {DEFAULT_BUDGET}, 1 for uniform, one per "
                         "--owl-lambda for owl; on --resume a larger value extends the run")
@@ -66,13 +68,13 @@ def register(sub, parents=()):
                    help="children per iteration: half crossovers, half mutations")
     g.add_argument("--seed-population", default=None,
                    help="heuristics put into the initial population, comma-separated from uniform,owl, or none; if "
-                        "not given: none for llm, uniform for evolution and random")
+                        "not given: none for llm and llm-random, uniform for evolution and random")
     g.add_argument("--owl-lambda", default="0.08",
                    help="OWL's rate spread; a comma list makes --operator owl sweep it (one evaluation each)")
     g.add_argument("--owl-m", type=positive_float, default=5.0, help="OWL outlier threshold M (x the layer mean)")
     g.add_argument("--evo-step", type=open_fraction, default=0.02, help="rate moved between two layers per mutation move")
     g.add_argument("--tournament", type=positive_int, default=3, help="tournament size of the numeric selection")
-    g = p.add_argument_group("LLM operator")
+    g = p.add_argument_group("LLM operator (ignored by llm-random)")
     g.add_argument("--llm", default="openai:gpt-4o",
                    help="openai:<model> (any OpenAI-compatible server), self (the model being pruned), "
                         "or local:<hub id or folder>")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import shutil
 import time
@@ -44,7 +43,7 @@ class RecoveryConfig:
 
     method: str = "kd"                 # kd: KL(teacher || student); lm: next-token loss; mix: kd_weight * kd + rest lm
     tokens: int = 100_000              # training tokens (rounded down to whole optimizer steps)
-    seq_len: int = 256
+    seq_len: int = 128
     batch_size: int = 8                # sequences per micro-batch
     grad_accum: int = 1
     learning_rate: float | None = None  # None: 1e-4 full fine-tuning, 5e-4 LoRA
