@@ -127,3 +127,16 @@ def byte_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="</s>")
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     return tokenizer
+
+
+def run_without_selfprune(body: str, home: Path, timeout: int = 600) -> None:
+    """Run ``body`` (Python that ends by printing OK) in a fresh interpreter where selfprune cannot be imported,
+    as a user without selfprune would load a pruned folder with plain transformers."""
+    import subprocess
+    import sys
+
+    script = "import sys\nsys.modules['selfprune'] = None  # any import of selfprune now fails\n" + body
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(home)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK")

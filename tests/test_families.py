@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import selfprune
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, run_without_selfprune, tiny_model
 from selfprune.adapters import get_adapter
 from selfprune.calibration import CalibrationConfig
 from selfprune.pruning import Pruner
@@ -73,9 +73,7 @@ def test_reload_through_plain_transformers_without_selfprune(saved_families, tmp
     """Every family's folder through AutoModelForCausalLM.from_pretrained(trust_remote_code=True), selfprune
     unimportable: same logits, and cached greedy decoding agrees with cache-free forwards."""
     saved, root, _ids = saved_families
-    script = f"""
-import sys
-sys.modules['selfprune'] = None  # any import of selfprune now fails
+    body = f"""
 import torch
 from transformers import AutoModelForCausalLM
 data = torch.load({str(root / 'expected.pt')!r})
@@ -92,10 +90,7 @@ for family in {NEW_FAMILIES!r}:
     assert torch.equal(logits[0, prompt.shape[1] - 1:].argmax(-1), out[0, prompt.shape[1]:]), family
 print('OK')
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("OK")
+    run_without_selfprune(body, tmp_path, timeout=600)
 
 
 def test_phi3_fused_rows_are_sliced_in_order():
@@ -216,9 +211,7 @@ def test_gemma3_270m_prune_reload_without_selfprune_and_generate(gemma3_dir, tmp
         generated = pruned.generate(long_prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True)
         expected[out.name] = {"logits": logits, "generated": generated}
     torch.save({"prompt": long_prompt, "expected": expected}, tmp_path / "expected.pt")
-    script = f"""
-import sys
-sys.modules['selfprune'] = None
+    body = f"""
 import torch
 from transformers import AutoModelForCausalLM
 data = torch.load({str(tmp_path / 'expected.pt')!r})
@@ -232,8 +225,5 @@ for name, want in data['expected'].items():
     assert torch.equal(out, want['generated']), name
 print('OK')
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("OK")
+    run_without_selfprune(body, tmp_path, timeout=900)
     print(f"pruned, saved and generated in {time.monotonic() - started:.0f}s")

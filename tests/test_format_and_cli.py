@@ -3,13 +3,11 @@ handling of bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import run_without_selfprune, tiny_model
 from selfprune.calibration import CalibrationConfig
 from selfprune.cli import main
 from selfprune.pruned_format import MODELING_FILE, save_pruned
@@ -59,9 +57,7 @@ def test_reload_through_transformers_without_selfprune(saved, tmp_path):
     with torch.no_grad():
         expected = pruned(ids).logits
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = f"""
-import sys
-sys.modules['selfprune'] = None  # any import of selfprune now fails
+    body = f"""
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
@@ -72,10 +68,7 @@ assert type(model).__name__ == 'SelfPrunedQwen3ForCausalLM', type(model)
 assert torch.equal(got, data['logits']), (got - data['logits']).abs().max()
 print('OK')
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().endswith("OK")
+    run_without_selfprune(body, tmp_path)
 
 
 # -- CLI: one clear line, non-zero exit, nothing half-written ---------------------------------------

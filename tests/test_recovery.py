@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import selfprune
-from conftest import REPO, byte_tokenizer, tiny_model
+from conftest import REPO, byte_tokenizer, run_without_selfprune, tiny_model
 from selfprune.calibration import CalibrationConfig
 from selfprune.errors import SelfpruneError
 from selfprune.pruned_format import save_pruned
@@ -121,9 +121,7 @@ def test_lora_recovery_saves_plain_pruned_model_that_reloads_without_selfprune(t
         expected = recovered(ids).logits
         assert torch.equal(selfprune.load(out)[0](ids).logits, expected)
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = f"""
-import sys
-sys.modules['selfprune'] = None  # any import of selfprune now fails
+    body = f"""
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
@@ -132,9 +130,7 @@ with torch.no_grad():
     assert torch.equal(model(data['ids']).logits, data['logits'])
 print('OK')
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-2000:]
+    run_without_selfprune(body, tmp_path)
 
 
 CHILD = """
