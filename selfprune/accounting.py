@@ -69,8 +69,8 @@ def describe_gqa_policy(geom: LayerGeometry, policy: str) -> str:
     if any(n_q == 0 for n_q, _ in geom.attention_options(policy)):
         return (f"gqa_policy 'group' with one key-value head (MQA): a layer keeps all {n} query heads or loses its "
                 "whole attention; gqa_policy 'query' removes query heads that share the key-value head")
-    return (f"gqa_policy 'group' with one key-value head (MQA): attention is never pruned (the only group is the "
-            f"whole attention), only MLP channels; gqa_policy 'query' removes query heads that share it")
+    return ("gqa_policy 'group' with one key-value head (MQA): attention is never pruned (the only group is the "
+            "whole attention), only MLP channels; gqa_policy 'query' removes query heads that share it")
 
 
 @dataclass(frozen=True)

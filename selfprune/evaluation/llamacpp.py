@@ -231,14 +231,6 @@ def gguf_perplexity(path: str | os.PathLike, tokenizer=None, dataset: str = "wik
 
 
 # -- speed -----------------------------------------------------------------------------------------------
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None
-
-
 def _prefill_run(model: LlamaCppModel, ids: list[int]):
     def run() -> float:
         model.llm.reset()
@@ -261,18 +253,6 @@ def _decode_run(model: LlamaCppModel, prompt: list[int], steps: list[int]):
     return run
 
 
-def _interleaved(runs: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
-    names = list(runs)
-    for _ in range(warmup):
-        for name in names:
-            runs[name]()
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(runs[name]())
-    return times
-
-
 def compare_speed_gguf(model_path: str | os.PathLike, baseline_path: str | os.PathLike, *, threads=(1, 2),
                        prompt_len: int = 256, decode_tokens: int = 32, warmup: int = 2, repeats: int = 5,
                        seed: int = 0) -> dict:
@@ -282,6 +262,8 @@ def compare_speed_gguf(model_path: str | os.PathLike, baseline_path: str | os.Pa
     shapes. ``resident_bytes`` is the growth of this process's resident memory while a file is loaded
     (without mmap, so the weights are read in) and run once: weights plus llama.cpp's buffers, approximate.
     """
+    from .speed import cpu_name, interleaved_times, resident_bytes  # one timing protocol for both engines
+
     if warmup < 0 or repeats < 1:
         raise SelfpruneError(f"warmup {warmup} must be >= 0 and repeats {repeats} >= 1")
     if prompt_len < 1 or decode_tokens < 1:
@@ -298,15 +280,15 @@ def compare_speed_gguf(model_path: str | os.PathLike, baseline_path: str | os.Pa
     models, resident = {}, {}
     try:
         for name, fact in facts.items():
-            before = _rss_bytes()
+            before = resident_bytes()
             models[name] = LlamaCppModel(fact.path, n_ctx=prompt_len + decode_tokens, threads=threads[0],
                                          all_logits=False, use_mmap=False)
             _prefill_run(models[name], prompt)()
-            after = _rss_bytes()
+            after = resident_bytes()
             resident[name] = after - before if before is not None and after is not None else None
         result = {
             "engine": "llama.cpp", "llama_cpp_python": _import_llama_cpp().__version__,
-            "cpu": _cpu_name(), "load_average_before": list(os.getloadavg()),
+            "cpu": cpu_name(), "load_average_before": list(os.getloadavg()),
             "warmup": warmup, "repeats": repeats, "statistic": "median",
             "order": "interleaved per repeat (dense, pruned / pruned, dense alternating)",
             "prompt_len": prompt_len, "decode_tokens": decode_tokens,
@@ -320,8 +302,8 @@ def compare_speed_gguf(model_path: str | os.PathLike, baseline_path: str | os.Pa
         for count in threads:
             for model in models.values():
                 model.set_threads(count)
-            pre = _interleaved({n: _prefill_run(m, prompt) for n, m in models.items()}, warmup, repeats)
-            dec = _interleaved({n: _decode_run(m, prompt, steps) for n, m in models.items()}, max(1, warmup), repeats)
+            pre = interleaved_times({n: _prefill_run(m, prompt) for n, m in models.items()}, warmup, repeats)
+            dec = interleaved_times({n: _decode_run(m, prompt, steps) for n, m in models.items()}, max(1, warmup), repeats)
             row = {"prefill": {}, "decode": {}}
             for name in models:
                 p, d = statistics.median(pre[name]), statistics.median(dec[name])
@@ -337,12 +319,6 @@ def compare_speed_gguf(model_path: str | os.PathLike, baseline_path: str | os.Pa
     finally:
         for model in models.values():
             model.close()
-
-
-def _cpu_name() -> str:
-    from .speed import _cpu_name as cpu_name
-
-    return cpu_name()
 
 
 def format_speed_gguf(result: dict) -> str:

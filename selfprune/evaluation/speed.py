@@ -171,25 +171,26 @@ def measure_decode(model, prompt_len: int = 128, new_tokens: int = 32, warmup: i
             **_decode_result(times, new_tokens)}
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc only; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class _RssPeak:
     """Samples this process's resident memory every millisecond while a block runs (Linux /proc only)."""
 
     def __init__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.start = self.peak = self._rss()
+        self.start = self.peak = resident_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def _rss(self) -> int | None:
-        try:
-            with open("/proc/self/statm") as handle:
-                return int(handle.read().split()[1]) * self.page
-        except OSError:
-            return None
-
     def _watch(self) -> None:
         while not self._stop.wait(0.001):
-            rss = self._rss()
+            rss = resident_bytes()
             if rss is not None:
                 self.peak = max(self.peak, rss)
 
@@ -202,7 +203,7 @@ class _RssPeak:
         self._stop.set()
         if self.start is not None:
             self._thread.join()
-            self.peak = max(self.peak, self._rss() or 0)
+            self.peak = max(self.peak, resident_bytes() or 0)
 
 
 def _trim_heap() -> None:
@@ -249,7 +250,8 @@ def peak_memory(model, batch_size: int = 1, seq_len: int = 128, passes: int = 3)
 
 
 # -- dense vs pruned ----------------------------------------------------------------------------------------
-def _interleaved(runs: dict, warmup: int, repeats: int, measure, tick=lambda: None) -> dict[str, list[float]]:
+def interleaved_times(runs: dict, warmup: int, repeats: int, measure=lambda fn: fn(),
+                      tick=lambda: None) -> dict[str, list[float]]:
     """Warm each function up, then time them in alternating order per repeat (ABBA), cancelling drift.
     ``tick`` is called after every run (the progress bar)."""
     names = list(runs)
@@ -295,7 +297,7 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
     models = {"dense": baseline, "pruned": model}
     result = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "warmup": warmup,
@@ -315,7 +317,7 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
     for batch_size, seq_len in sweep:
         runs = {name: _prefill_fn(m, batch_size, seq_len) for name, m in models.items()}
         bar.set_postfix_str(f"prefill {batch_size}x{seq_len}", refresh=False)
-        times = _interleaved(runs, warmup, repeats, lambda fn: _timed(fn, device), lambda: bar.update(1))
+        times = interleaved_times(runs, warmup, repeats, lambda fn: _timed(fn, device), lambda: bar.update(1))
         row = {"batch_size": batch_size, "seq_len": seq_len}
         row |= {name: _prefill_result(times[name], batch_size, seq_len) for name in models}
         flops = {name: flops_per_token(m, seq_len) for name, m in models.items()}
@@ -325,7 +327,7 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
     if decode_tokens >= 1:
         runs = {name: _decode_fn(m, prompt_len, decode_tokens) for name, m in models.items()}
         bar.set_postfix_str(f"decode {decode_tokens} tokens", refresh=False)
-        times = _interleaved(runs, max(1, warmup), repeats, lambda fn: fn(), lambda: bar.update(1))
+        times = interleaved_times(runs, max(1, warmup), repeats, lambda fn: fn(), lambda: bar.update(1))
         context = prompt_len + (decode_tokens + 1) // 2  # the middle of the generated span
         flops = {name: flops_per_token(m, context) for name, m in models.items()}
         row = {"prompt_len": prompt_len, "new_tokens": decode_tokens, "batch_size": 1, "flops_context": context}
@@ -343,7 +345,7 @@ def compare_speed(model, baseline, *, sweep=DEFAULT_SWEEP, decode_tokens: int = 
     return result
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
