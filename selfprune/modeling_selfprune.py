@@ -77,6 +77,10 @@ def resize_layer(layer: nn.Module, head_dim: int, spec: dict, config=None) -> No
 class _SelfPrunedMixin:
     """Resizes every decoder layer to the recorded pruned shapes right after the stock constructor."""
 
+    def __init__(self, config):
+        super().__init__(config)  # the family's stock model, built from the dense sizes
+        self._apply_selfprune_shapes(config)
+
     def _apply_selfprune_shapes(self, config) -> None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         specs = config.selfprune["layers"]
@@ -87,42 +91,28 @@ class _SelfPrunedMixin:
 
 
 class SelfPrunedLlamaForCausalLM(_SelfPrunedMixin, LlamaForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_selfprune_shapes(config)
+    pass
 
 
 class SelfPrunedMistralForCausalLM(_SelfPrunedMixin, MistralForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_selfprune_shapes(config)
+    pass
 
 
 class SelfPrunedQwen2ForCausalLM(_SelfPrunedMixin, Qwen2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_selfprune_shapes(config)
+    pass
 
 
 class SelfPrunedQwen3ForCausalLM(_SelfPrunedMixin, Qwen3ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_selfprune_shapes(config)
+    pass
 
 
 class SelfPrunedGemma3ForCausalLM(_SelfPrunedMixin, Gemma3ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_selfprune_shapes(config)
+    pass
 
 
 class SelfPrunedGemma2ForCausalLM(_SelfPrunedMixin, Gemma2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_selfprune_shapes(config)
+    pass
 
 
 class SelfPrunedPhi3ForCausalLM(_SelfPrunedMixin, Phi3ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_selfprune_shapes(config)
+    pass

@@ -162,15 +162,6 @@ def calibration_config(args):
                              seq_len=args.calib_seq_len, seed=args.calib_seed, data_dir=args.data_dir)
 
 
-def resolve_device(name: str) -> str:
-    """'auto' -> cuda when a GPU is visible, else cpu; other names pass through (load_model checks them)."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # -- cheap checks before the work starts -------------------------------------------------------------
 
 def check_output(path: str | os.PathLike, *, kind: str, overwrite: bool, option: str = "--out") -> Path:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (HelpFormatter, add_data_option, add_model_options, add_json_out_options, check_output,
-                     positive_int, resolve_device)
+                     positive_int)
 
 
 def register(sub, parents=()):
@@ -37,12 +37,11 @@ def run(args) -> int:
     source, directory = resolve_source(args.source, args.data_dir)
     if source == "local":
         check_local_files(names, directory)
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     results = evaluate_zero_shot(model, tokenizer, names, limit=args.limit, data_dir=directory,
                                  batch_size=args.batch_size, seed=args.seed, source=source)
     results["model"] = args.model
-    results["settings"].update(dtype=args.dtype, device=device)
+    results["settings"].update(dtype=args.dtype, device=str(next(model.parameters()).device))
     print(format_table(results))
     if out:
         atomic_write_json(out, results)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import SelfpruneError
 from .common import (HelpFormatter, add_calibration_options, add_data_option, add_model_options, add_overwrite_option,
                      add_pruning_options, calibration_config, check_model, check_output,
-                     positive_int, rate_fraction, read_rates_file, resolve_device, say)
+                     positive_int, rate_fraction, read_rates_file, say)
 
 PPL_DATASETS = ("wikitext2", "ptb", "c4", "none")
 
@@ -63,7 +63,7 @@ def _prune(args, rates, out) -> int:
 
     evaluator = None
     calibration = calibration_config(args)
-    model, tokenizer = load_model(args.model, args.dtype, resolve_device(args.device), args.device_map)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map)
     if args.ppl_dataset != "none":  # the text is read before the slow calibration: a missing file fails now
         from ..perplexity import PerplexityEvaluator
 

@@ -5,8 +5,7 @@ import argparse
 
 from ..errors import SelfpruneError
 from .common import (HelpFormatter, add_data_option, add_model_options, add_overwrite_option, check_output,
-                     check_model, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                     resolve_device, say)
+                     check_model, nonnegative_float, nonnegative_int, positive_float, positive_int, say)
 
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 
@@ -102,7 +101,7 @@ def run(args) -> int:
             f"tokens{f', LoRA rank {config.lora_rank}' if config.lora_rank else ''}) into {args.out}")
         model, summary = recover_from_specs(
             args.model, args.out, teacher=args.teacher if args.teacher != "none" else None, config=config,
-            data_dir=args.data_dir, dtype=args.dtype, device=resolve_device(args.device), device_map=args.device_map,
+            data_dir=args.data_dir, dtype=args.dtype, device=args.device, device_map=args.device_map,
             teacher_device_map=args.teacher_device_map, overwrite=args.overwrite)
         out = args.out
     before, after = summary["initial"], summary["final"]

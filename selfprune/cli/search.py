@@ -98,7 +98,7 @@ def register(sub, parents=()):
 def run(args) -> int:
     from ..io import restore_interrupted, run_lock
     from ..search import launch
-    from ..search.runner import format_summary
+    from ..search.runner import budget_notes, format_summary
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -118,7 +118,7 @@ def run(args) -> int:
         check_model(config["model"], {"--seq-len": config["fitness"]["seq_len"],
                                       "--calib-seq-len": config["calibration"]["seq_len"]})
         with run_lock(run_dir):  # an --overwrite of a run still going is refused here
-            for note in launch.plan_notes(config):
+            for note in budget_notes(config):
                 say(note)
             launch.preflight(config)
             summary = launch.start(config, run_dir, overwrite=args.overwrite, progress=not args.no_progress,
@@ -132,12 +132,12 @@ def _resume(args, run_dir: Path) -> dict | None:
     """Continue a run (its lock held); None when it is already finished."""
     from ..io import atomic_write_json
     from ..search import launch
-    from ..search.runner import CONFIG, RESCORE, format_summary, load_run_config
+    from ..search.runner import CONFIG, RESCORE, format_summary, load_run_config, run_is_finished
 
     config = launch.check_run_config(load_run_config(run_dir), run_dir / CONFIG)
     old_windows = (config.get("rescore") or {}).get("windows")
     changed = launch.apply_resume_overrides(config, args)
-    finished = launch.finished_summary(run_dir, config)
+    finished = run_is_finished(run_dir, config, save_model=not args.no_save_model)
     if finished is not None:
         print(format_summary(finished))
         say(f"{run_dir} is finished ({finished['evaluations']} evaluations of budget {config['budget']}): "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (HelpFormatter, add_engine_options, add_json_out_options, add_model_options, check_gguf_model,
-                     check_model, check_output, nonnegative_int, positive_int, resolve_device, say)
+                     check_model, check_output, nonnegative_int, positive_int, say)
 
 
 def register(sub, parents=()):
@@ -46,9 +46,8 @@ def run(args) -> int:
         check_model(spec, lengths)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    model, _ = load_model(args.model, args.dtype, device, args.device_map)
-    baseline, _ = load_model(args.baseline, args.dtype, device, args.device_map)
+    model, _ = load_model(args.model, args.dtype, args.device, args.device_map)
+    baseline, _ = load_model(args.baseline, args.dtype, args.device, args.device_map)
     say(f"timing {args.model} against {args.baseline}: {len(sweep)} prefill settings"
         f"{' + decode' if args.decode_tokens else ''}, {args.warmup} warm-up + {args.repeats} timed runs each")
     result = compare_speed(model, baseline, sweep=sweep, decode_tokens=args.decode_tokens, prompt_len=args.prompt_len,

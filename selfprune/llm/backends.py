@@ -642,12 +642,9 @@ def make_backend(
         if self_model is None or self_tokenizer is None:
             raise SelfpruneError(f"{SPEC} self needs the model being pruned, and none was loaded")
         return TransformersChatBackend(self_model, self_tokenizer, name="self")
-    import torch
-
     from ..models import load_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded, tokenizer = load_model(model, device=device)
+    loaded, tokenizer = load_model(model, device="auto")
     return TransformersChatBackend(loaded, tokenizer, name=f"local:{model}")
 
 

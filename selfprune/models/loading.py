@@ -124,13 +124,17 @@ def _load_gguf(gguf_path: Path):
 _torch_dtype = torch_dtype  # the old private name, kept for callers outside this module
 
 
-def _check_device(device: str) -> None:
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked and returned."""
     import torch
 
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SelfpruneError(f"device {device} requested but CUDA is not available: use --device cpu")
     if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise SelfpruneError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+        raise SelfpruneError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    return device
 
 
 def is_pruned_dir(path: Path) -> bool:
@@ -146,11 +150,12 @@ def is_pruned_dir(path: Path) -> bool:
 def load_model(spec: str | None = "default", dtype: str = "float32", device: str = "cpu", device_map=None):
     """Load ``(model, tokenizer)`` from a hub id, a local folder (dense or pruned), or a ``.gguf`` file.
 
-    ``device_map`` is passed to transformers (e.g. ``"auto"`` to spread a large model over GPUs).
+    ``device`` may be ``auto`` (cuda when available); ``device_map`` is passed to transformers (e.g.
+    ``"auto"`` to spread a large model over GPUs).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_device(device)
+    device = resolve_device(device)
     dtype_object = torch_dtype(dtype)
     location = resolve_model_spec(spec)
     path = Path(location).expanduser()

@@ -140,14 +140,6 @@ def default_out(config: dict) -> Path:
 
 # -- building a run from its config ---------------------------------------------------------------------
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_seeds(names: list[str], space: SearchSpace, problem: SearchProblem, owl: dict):
     from .operators import Proposal, owl_rates
 
@@ -208,7 +200,7 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
 
     from .fitness import layer_shapes
 
-    model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=_device(config["device"]),
+    model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=config["device"],
                                   device_map=config.get("device_map"))
     c = config["calibration"]
     calibration = CalibrationConfig(source=c["source"], split=c.get("split", "validation"), num_samples=c["num_samples"],
@@ -325,20 +317,6 @@ def check_run_config(config: dict, path: Path) -> dict:
         raise SelfpruneError(f"{path} lacks {', '.join(missing)}: it was edited or written by another tool; "
                              "start a new run")
     return config
-
-
-def finished_summary(run_dir: Path, config: dict) -> dict | None:
-    """The summary of a run that has nothing left to do (budget reached or operator finished), else None."""
-    from .runner import run_is_finished
-
-    return run_is_finished(run_dir, config)
-
-
-def plan_notes(config: dict) -> list[str]:
-    """What the run will do that the user may not expect (e.g. a budget too small for any evolution)."""
-    from .runner import budget_notes
-
-    return budget_notes(config)
 
 
 def preflight(config: dict) -> None:
