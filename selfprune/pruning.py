@@ -130,7 +130,8 @@ class Pruner:
     def __init__(self, model, tokenizer=None, criterion: str = "flap",
                  calibration: CalibrationConfig | CalibrationResult | None = None,
                  gqa_policy: str = DEFAULT_GQA_POLICY, mlp_multiple: int = 1,
-                 bias_compensation: bool | None = None, progress: bool = True, structure: str = DEFAULT_STRUCTURE):
+                 bias_compensation: bool | None = None, progress: bool = True, structure: str = DEFAULT_STRUCTURE,
+                 scores: list | None = None):
         self.model = model
         if structure not in STRUCTURES:
             raise SelfpruneError(f"unknown structure {structure!r}: use one of {', '.join(STRUCTURES)}")
@@ -154,8 +155,29 @@ class Pruner:
                 raise SelfpruneError(f"criterion {criterion} needs calibration data: pass the tokenizer")
             self.calibration = calibrate(model, tokenizer, self.adapter, calibration or CalibrationConfig(), progress)
         self.geometries = [self._geometry(layer) for layer in self.adapter.layers()]
-        stats = self.calibration.layers if self.calibration else [None] * self.num_layers
-        self.scores = [score_layer(criterion, self.adapter, layer, s) for layer, s in zip(self.adapter.layers(), stats)]
+        if scores is not None:   # computed by another process (see ``state``): never scored twice
+            if len(scores) != self.num_layers:
+                raise SelfpruneError(f"{len(scores)} layer scores for a model of {self.num_layers} layers: the "
+                                     "scores come from another model")
+            self.scores = list(scores)
+        else:
+            stats = self.calibration.layers if self.calibration else [None] * self.num_layers
+            self.scores = [score_layer(criterion, self.adapter, layer, s)
+                           for layer, s in zip(self.adapter.layers(), stats)]
+
+    def state(self) -> dict:
+        """Everything but the model that ``build`` needs: the calibration statistics and importance scores
+        (small: a few vectors per layer). ``Pruner.from_state(model, state)`` in another process (a search
+        worker) builds the same candidates without calibrating or scoring again."""
+        return {"criterion": self.criterion, "gqa_policy": self.gqa_policy, "mlp_multiple": self.mlp_multiple,
+                "bias_compensation": self.bias_compensation, "structure": self.structure,
+                "calibration": self.calibration, "scores": self.scores}
+
+    @classmethod
+    def from_state(cls, model, state: dict, tokenizer=None, progress: bool = False) -> "Pruner":
+        return cls(model, tokenizer, state["criterion"], state["calibration"], state["gqa_policy"],
+                   state["mlp_multiple"], state["bias_compensation"], progress, state["structure"],
+                   scores=state["scores"])
 
     # -- sizes ------------------------------------------------------------------------------------
     def _geometry(self, layer) -> LayerGeometry:

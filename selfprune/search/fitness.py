@@ -21,12 +21,24 @@ FITNESS_KINDS = ("ppl", "kl")
 class Fitness:
     """Callable ``rates -> {"fitness", "tokens", "seconds", "forward_seconds", ...}``; lower is better."""
 
-    def __init__(self, pruner, evaluator: PerplexityEvaluator, kind: str = "ppl"):
+    def __init__(self, pruner, evaluator: PerplexityEvaluator, kind: str = "ppl",
+                 dense_logprobs: list[torch.Tensor] | None = None):
         if kind not in FITNESS_KINDS:
             raise SelfpruneError(f"unknown fitness {kind!r}: use one of {', '.join(FITNESS_KINDS)}")
         self.pruner, self.evaluator, self.kind = pruner, evaluator, kind
         self.settings = {"kind": kind, **evaluator.settings}
-        self._dense_logprobs = self._dense_reference() if kind == "kl" else None
+        if kind == "kl" and dense_logprobs is None:
+            dense_logprobs = self._dense_reference()
+        self._dense_logprobs = dense_logprobs
+
+    def data(self) -> dict:
+        """What another process needs to score candidates exactly as this one does (the token windows and,
+        for ``kl``, the dense model's log-probabilities), without the data files or a second dense pass."""
+        return {"kind": self.kind, "evaluator": self.evaluator, "dense_logprobs": self._dense_logprobs}
+
+    @classmethod
+    def from_data(cls, pruner, data: dict) -> "Fitness":
+        return cls(pruner, data["evaluator"], data["kind"], data["dense_logprobs"])
 
     @torch.no_grad()
     def _dense_reference(self) -> list[torch.Tensor]:
