@@ -2,7 +2,9 @@
 allocations at 20 / 30 / 50%, at f16, q8_0 and q4_k_m: file size, llama.cpp perplexity (WikiText-2 test, 80 windows
 of 128, the PyTorch evaluator's windows), prefill (256 tokens) and decode (32 tokens) tokens/s at 1 and 2 threads,
 time ratios vs dense of the same outtype measured in the same run (interleaved, medians) beside the FLOPs ideal,
-and the cost of odd MLP widths (the same rates with ``mlp_multiple=64``).
+and the cost of odd MLP widths: the export pads MLP widths to multiples of 32 with zero channels by default
+(``-pad1`` rows: the same models written with their odd widths) and ``-mm64`` rows prune to widths that are
+multiples of 64 in the first place (``mlp_multiple=64``).
 
     python bench/bench_gguf.py                       # everything (exports, perplexity, timing)
     python bench/bench_gguf.py --retime              # keep sizes and perplexities, measure the speed again
@@ -25,7 +27,7 @@ from common import DATA_DIR, RESULTS, versions
 from selfprune.calibration import CalibrationConfig
 from selfprune.data import load_text, token_windows
 from selfprune.evaluation.llamacpp import compare_speed_gguf, gguf_facts, gguf_perplexity
-from selfprune.export import export_gguf, quantize_gguf
+from selfprune.export import DEFAULT_FFN_MULTIPLE, export_gguf, quantize_gguf
 from selfprune.io import atomic_write_json, atomic_write_text
 from selfprune.models import load_model
 from selfprune.pruning import Pruner
@@ -45,11 +47,17 @@ def searched_row(target: float) -> dict | None:
 def model_specs() -> dict[str, dict]:
     specs = {"dense": {"rates": None}}
     for target in TARGETS:
-        specs[f"uniform-{target}"] = {"rates": target, "policy": "group", "mlp_multiple": 1, "source": "uniform FLAP"}
+        specs[f"uniform-{target}"] = {"rates": target, "policy": "group", "mlp_multiple": 1, "source": "uniform FLAP",
+                                      "ffn_multiple": DEFAULT_FFN_MULTIPLE}
         row = searched_row(target)
         if row:
             specs[f"searched-{target}"] = {"rates": row["best_rates"], "policy": row.get("gqa_policy", "group"),
-                                           "mlp_multiple": 1, "source": f"{row['operator']} (budget {row['budget']})"}
+                                           "mlp_multiple": 1, "source": f"{row['operator']} (budget {row['budget']})",
+                                           "ffn_multiple": DEFAULT_FFN_MULTIPLE}
+    for target in (0.2, 0.5):  # the same models written with their odd MLP widths (no zero padding)
+        for base in (f"uniform-{target}", f"searched-{target}"):
+            if base in specs:
+                specs[f"{base}-pad1"] = specs[base] | {"ffn_multiple": 1}
     for target in (0.3, 0.5):  # odd widths vs widths rounded to 64, same rates
         for base in (f"uniform-{target}", f"searched-{target}"):
             if base in specs:
@@ -80,7 +88,8 @@ def export_all(names, outtypes, specs) -> dict[str, dict[str, Path]]:
             pruner = pruners[key]
             rates = spec["rates"] if isinstance(spec["rates"], list) else [spec["rates"]] * pruner.num_layers
             pruned, _ = pruner.build(rates)
-        f32 = export_gguf(pruned, tokenizer, WORK / f"{name}.f32.gguf", "f32", overwrite=True)
+        f32 = export_gguf(pruned, tokenizer, WORK / f"{name}.f32.gguf", "f32", overwrite=True,
+                          ffn_multiple=spec.get("ffn_multiple", DEFAULT_FFN_MULTIPLE))
         for outtype, path in files[name].items():
             if not path.exists():
                 quantize_gguf(f32, path, outtype)
@@ -123,8 +132,11 @@ def render(data: dict) -> str:
             lines.append(f"| {name} | {outtype} | {size:.1f} | {vs} | {ppl} | " + " | ".join(cells) + f" | {ideal} | {load} |")
     lines += ["", "Searched allocations: " + "; ".join(f"{n}: {s['source']}" for n, s in data["specs"].items()
                                                      if s.get("source", "").startswith(("llm", "random", "evolution")) and
-                                                     not n.endswith("mm64")),
-              "", "`-mm64`: the same rates with kept MLP widths rounded to a multiple of 64 (`mlp_multiple=64`)."]
+                                                     not n.endswith(("mm64", "pad1"))),
+              "", "MLP widths are written padded with zero channels to multiples of 32 (the export's default; outputs "
+                  "unchanged). `-pad1`: the same models written with their odd pruned widths (`--ffn-multiple 1`), where "
+                  "llama.cpp's quantizer keeps `ffn_down` in F16. `-mm64`: the same rates pruned to MLP widths that are "
+                  "multiples of 64 (`mlp_multiple=64`)."]
     if data.get("notes"):
         lines += ["", *data["notes"]]
     return "\n".join(lines)

@@ -43,7 +43,9 @@ class PerplexityEvaluator:
     def __call__(self, model) -> dict:
         from tqdm.auto import tqdm
 
-        device = next(model.parameters()).device
+        from .offload import input_device
+
+        device = input_device(model)   # a dispatched model's first parameter may be on meta
         total_nll, start = 0.0, time.perf_counter()
         count = self.windows.shape[0]
         with tqdm(total=count, desc="perplexity", unit="window", disable=not self.progress, leave=False) as bar:
@@ -54,8 +56,9 @@ class PerplexityEvaluator:
                                              reduction="sum").item()
                 bar.update(ids.shape[0])
         nll = total_nll / self.predicted_tokens
-        return {"ppl": math.exp(nll), "nll": nll, "tokens": self.predicted_tokens,
-                "seconds": time.perf_counter() - start, **self.settings}
+        # settings' "tokens" counts every window token; the scored (predicted) count is the one reported
+        return {**self.settings, "ppl": math.exp(nll), "nll": nll, "tokens": self.predicted_tokens,
+                "seconds": time.perf_counter() - start}
 
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", split: str = "test", seq_len: int = 128,

@@ -122,10 +122,15 @@ def test_tiny_pruned_f32_matches_pytorch(case, tokenizer, smol_tokenizer_gguf, t
     model = _pruned_tiny(family, tokenizer, compensation)
     shapes = [layer["num_attention_heads"] for layer in model.config.selfprune["layers"]]
     assert len(set(shapes)) > 1, "the case must have layers of different widths"
-    path = export_gguf(model, tokenizer, tmp_path / "tiny.f32.gguf", "f32")
+    widths = [layer["intermediate_size"] for layer in model.config.selfprune["layers"]]
+    assert any(w % 32 for w in widths), "the case must have MLP widths the default export pads"
+    exact = export_gguf(model, tokenizer, tmp_path / "tiny-exact.f32.gguf", "f32", ffn_multiple=1)
+    assert gguf_facts(exact).ffn == widths
+    _assert_same(_compare(model, exact, _random_windows(model.config.vocab_size, 2, 64)), 1e-4)
+    path = export_gguf(model, tokenizer, tmp_path / "tiny.f32.gguf", "f32")  # widths padded with zero channels
     facts = gguf_facts(path)
     assert facts.architecture == "deci" and facts.heads == shapes
-    assert facts.ffn == [layer["intermediate_size"] for layer in model.config.selfprune["layers"]]
+    assert facts.ffn == [-(-w // 32) * 32 for w in widths]
     _assert_same(_compare(model, path, _random_windows(model.config.vocab_size, 4, 64)), 1e-4)
     engine = LlamaCppModel(path, n_ctx=96, threads=1, kv_f32=True)
     try:
@@ -210,6 +215,11 @@ def test_smollm2_pruned_matches_pytorch(rate, smol_pruned, data_dir):
     _assert_same(result, 2e-3)
     assert abs(result["ppl_llama"] / result["ppl_torch"] - 1) < 1e-4, result
     ppl_q8 = gguf_perplexity(q8, tokenizer, windows=windows, threads=1)["ppl"]  # llama.cpp's defaults: f16 KV cache
+    # The widths were padded to multiples of 32, so every matrix could be quantized (none kept in F16).
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    matrices = [t for t in GGUFReader(q8).tensors if len(t.shape) == 2]
+    assert {GGMLQuantizationType(t.tensor_type).name for t in matrices} == {"Q8_0"}
     assert abs(ppl_q8 / result["ppl_llama"] - 1) < 0.02, (ppl_q8, result)
     prompt = tokenizer("The history of the city begins").input_ids
     engine = LlamaCppModel(f32, n_ctx=64, threads=1)

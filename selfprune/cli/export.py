@@ -5,7 +5,7 @@ from .common import HelpFormatter, add_overwrite_option, check_model, check_outp
 
 
 def register(sub, parents=()):
-    from ..export import OUTTYPES
+    from ..export import DEFAULT_FFN_MULTIPLE, OUTTYPES
 
     p = sub.add_parser("export", parents=list(parents), formatter_class=HelpFormatter,
                        help="export to GGUF for llama.cpp (f32, f16, bf16, q8_0, q4_k_m, ...)")
@@ -18,6 +18,10 @@ def register(sub, parents=()):
     p.add_argument("--tokenizer-gguf", default=None,
                    help="GGUF file whose tokenizer fields are copied (same vocabulary); if not given, the default "
                         "model's GGUF when the vocabularies match, else a BPE vocabulary built from the model's tokenizer")
+    p.add_argument("--ffn-multiple", type=positive_int, default=DEFAULT_FFN_MULTIPLE,
+                   help="write MLP widths padded with zero channels to a multiple of this (outputs unchanged): odd "
+                        "widths make llama.cpp's quantizer keep ffn_down in F16 and its prompt kernels slower; 1 writes "
+                        "the pruned widths as they are")
     p.add_argument("--threads", type=positive_int, default=None, help="quantizer threads; if not given, all cores")
     add_overwrite_option(p)
     p.set_defaults(func=run)
@@ -36,8 +40,10 @@ def run(args) -> int:
     with run_lock(out):  # a second export to the same file is refused at once
         model, tokenizer = load_model(args.model, "float32", "cpu")
         path = export_gguf(model, tokenizer, out, args.outtype, tokenizer_gguf=args.tokenizer_gguf,
-                           overwrite=args.overwrite, threads=args.threads or 0)
-    shapes = layer_shapes(model)
-    say(f"per-layer query heads {[s.heads for s in shapes]}, MLP widths {[s.ffn for s in shapes]}")
+                           overwrite=args.overwrite, threads=args.threads or 0, ffn_multiple=args.ffn_multiple)
+    shapes = layer_shapes(model, args.ffn_multiple)
+    say(f"per-layer query heads {[s.heads for s in shapes]}, MLP widths {[s.ffn for s in shapes]}"
+        + (f" ({sum(s.padded_channels for s in shapes)} zero channels added to reach multiples of {args.ffn_multiple})"
+           if any(s.padded_channels for s in shapes) else ""))
     print(f"{path}: {args.outtype} GGUF (llama.cpp architecture 'deci'), {path.stat().st_size / 2**20:.1f} MiB")
     return 0

@@ -1,0 +1,244 @@
+"""Issue 14 part 1: does the search's fitness rank candidates the way the reported test perplexity does?
+
+For candidates at 20% and 50% (uniform, OWL at several lambdas, the search runs' bests from results/search*.json,
+and random allocations), one pass per candidate computes, *per window*:
+
+* WikiText-2 validation NLL on 64 windows of 128 tokens (fitness ``ppl`` on the first 6 / 16 / 32 / 64 windows),
+* KL(dense || pruned) on 64 windows of 128 of the C4 sample (fitness ``kl`` at the same token counts),
+* WikiText-2 validation NLL on 16 windows of 512 (seq-len 512 at 2 / 4 / 8 / 16 windows: 1k-8k tokens),
+* WikiText-2 *test* NLL on 80 windows of 128 (the number every table reports; never part of a fitness).
+
+Each fitness setting is then compared with test perplexity: Spearman correlation over the candidates of a rate,
+the test perplexity of the candidate the setting would pick (regret vs the best candidate on test), and its cost
+per evaluation (tokens, seconds measured here). Staged selection (EvoPress: all candidates on few windows, the best
+quarter again on more) is evaluated from the same per-window numbers.
+
+Candidates are journaled one per line in ``$SELFPRUNE_FITNESS_WORK`` (default ~/.cache/selfprune/bench_fitness),
+so a killed run continues, and the result files are rewritten after every candidate.
+
+    nice python bench/bench_fitness.py [--candidates 40] [--targets 0.2,0.5] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import DATA_DIR, RESULTS, versions
+
+from selfprune.calibration import CalibrationConfig
+from selfprune.data import load_text, token_windows
+from selfprune.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from selfprune.models import load_model
+from selfprune.pruning import Pruner
+from selfprune.search.operators import owl_rates, random_rates
+from selfprune.search.space import DEFAULT_BOUNDS, SearchSpace
+
+WORK = Path(os.environ.get("SELFPRUNE_FITNESS_WORK", Path.home() / ".cache" / "selfprune" / "bench_fitness"))
+NAME = "fitness"
+# (label, dataset, seq_len, windows): the passes made per candidate
+PASSES = (("wt2-val-128", "wikitext2", "validation", 128, 64),
+          ("c4-val-128", "c4", "validation", 128, 64),
+          ("wt2-val-512", "wikitext2", "validation", 512, 16),
+          ("wt2-test-128", "wikitext2", "test", 128, 80))
+SETTINGS = ([("ppl", "wt2-val-128", k) for k in (6, 16, 32, 64)]
+            + [("kl", "c4-val-128", k) for k in (6, 16, 32, 64)]
+            + [("ppl", "wt2-val-512", k) for k in (2, 4, 8, 16)])
+OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2)
+BATCH = 8
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for value in np.unique(x):  # ties share their mean rank
+            tied = x == value
+            r[tied] = r[tied].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(ra) > 2 else float("nan")
+
+
+def candidates(space: SearchSpace, pruner: Pruner, target: float, count: int) -> list[dict]:
+    """Uniform, OWL sweep, every search run's best at ``target``, then random allocations up to ``count``."""
+    out = [{"source": "uniform", "rates": space.uniform()}]
+    ratios = pruner.outlier_ratios()
+    out += [{"source": f"owl:{lam:g}", "rates": owl_rates(space, ratios, lam)} for lam in OWL_LAMBDAS]
+    for path in sorted(RESULTS.glob("search*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            if row["target"] == target and row["operator"] != "uniform" and row.get("gqa_policy", "group") == "group":
+                out.append({"source": f"search:{path.stem}:{row['operator']}", "rates": row["best_rates"]})
+    rng = np.random.default_rng(int(target * 1000))
+    while len(out) < count:
+        out.append({"source": "random", "rates": random_rates(space, rng)})
+    seen, unique = set(), []
+    for cand in out:  # one model per per-layer shape
+        key = tuple((p.num_heads, p.num_kv_heads, p.width) for p in pruner.plan(cand["rates"]))
+        if key not in seen:
+            seen.add(key)
+            unique.append(cand | {"rates": [float(r) for r in cand["rates"]]})
+    return unique[:count]
+
+
+class Passes:
+    """The token windows of every pass and the dense model's log-probabilities for the KL pass."""
+
+    def __init__(self, model, tokenizer):
+        self.windows = {}
+        for label, dataset, split, seq_len, count in PASSES:
+            self.windows[label] = token_windows(tokenizer, load_text(dataset, split, DATA_DIR), seq_len, count)
+        self.dense_logprobs = [lp for lp, _ in self._forward(model, "c4-val-128", keep=True)]
+
+    @torch.no_grad()
+    def _forward(self, model, label, keep=False):
+        ids_all = self.windows[label]
+        for i in range(0, ids_all.shape[0], BATCH):
+            ids = ids_all[i : i + BATCH]
+            logits = model(ids, use_cache=False).logits[:, :-1].float()
+            logprobs = F.log_softmax(logits, -1)
+            yield (logprobs.to(torch.float16) if keep else logprobs), ids
+
+    @torch.no_grad()
+    def score(self, model) -> dict:
+        """Per-window NLL (nats/token) of each pass, per-window KL on the C4 pass, and seconds per pass."""
+        out = {}
+        for label, *_ in PASSES:
+            start = time.perf_counter()
+            values = []
+            batches = self._forward(model, label)
+            for b, (logprobs, ids) in enumerate(batches):
+                if label == "c4-val-128":
+                    dense = self.dense_logprobs[b].float()
+                    values += (dense.exp() * (dense - logprobs)).sum(-1).mean(-1).tolist()
+                else:
+                    nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+                    values += nll.mean(-1).tolist()
+            out[label] = {"per_window": values, "seconds": time.perf_counter() - start}
+        return out
+
+
+def analyse(records: list[dict]) -> dict:
+    """Correlation, regret and cost of every fitness setting (and staged selection) per target."""
+    by_target: dict = {}
+    for rec in records:
+        by_target.setdefault(rec["target"], []).append(rec)
+    analysis = {}
+    for target, recs in sorted(by_target.items()):
+        test = np.array([math.exp(np.mean(r["passes"]["wt2-test-128"]["per_window"])) for r in recs])
+        best_test = float(test.min())
+        rows = []
+
+        def value(rec, kind, label, k):
+            windows = rec["passes"][label]["per_window"][:k]
+            return math.exp(np.mean(windows)) if kind == "ppl" else float(np.mean(windows))
+
+        def cost(label, k):
+            seconds = np.mean([r["passes"][label]["seconds"] / len(r["passes"][label]["per_window"]) for r in recs])
+            seq_len = next(p[3] for p in PASSES if p[0] == label)
+            return k * seq_len, float(seconds * k)
+
+        for kind, label, k in SETTINGS:
+            scores = np.array([value(r, kind, label, k) for r in recs])
+            pick = int(np.argmin(scores))
+            tokens, seconds = cost(label, k)
+            rows.append({"fitness": kind, "data": label, "windows": k, "tokens": tokens, "seconds_per_eval": seconds,
+                         "spearman": spearman(scores, test), "picked_test_ppl": float(test[pick]),
+                         "regret": float(test[pick] - best_test)})
+        for kind, label, few, many in (("ppl", "wt2-val-128", 6, 32), ("ppl", "wt2-val-128", 16, 64),
+                                       ("kl", "c4-val-128", 6, 32), ("kl", "c4-val-128", 16, 64)):
+            cheap = np.array([value(r, kind, label, few) for r in recs])
+            keep = np.argsort(cheap)[: max(1, len(recs) // 4)]
+            full = {int(i): value(recs[i], kind, label, many) for i in keep}
+            pick = min(full, key=full.get)
+            t_few, s_few = cost(label, few)
+            t_many, s_many = cost(label, many)
+            n = len(recs)
+            rows.append({"fitness": f"{kind} staged", "data": label, "windows": f"{few} -> {many} (top {len(keep)})",
+                         "tokens": t_few + t_many * len(keep) / n, "seconds_per_eval": s_few + s_many * len(keep) / n,
+                         "spearman": None, "picked_test_ppl": float(test[pick]), "regret": float(test[pick] - best_test)})
+        analysis[str(target)] = {"candidates": len(recs), "best_test_ppl": best_test,
+                                 "test_ppl_range": [float(test.min()), float(test.max())], "settings": rows}
+    return analysis
+
+
+def table(data: dict) -> str:
+    lines = ["# Fitness fidelity: which search fitness ranks candidates like the test perplexity", "",
+             "Generated by `bench/bench_fitness.py` from `fitness.json`. SmolLM2-135M, FLAP (C4 64 x 128 seed 0), "
+             "GQA policy group. Candidates per rate: uniform, OWL (lambda 0.02-0.2), the search runs' bests and random "
+             "allocations, one per pruned shape. Test: WikiText-2 test, 80 windows of 128. Spearman: rank "
+             "correlation of the fitness with test perplexity over the candidates (1 = same order). Regret: test "
+             "perplexity of the candidate the fitness picks minus the best test perplexity among the candidates. "
+             "Staged: every candidate on the few windows, the best quarter again on more (EvoPress); its cost is per "
+             "candidate on average. Seconds are CPU forward time per evaluation measured here (shared 2-core CPU).", ""]
+    for target, entry in data["analysis"].items():
+        lines += [f"## {float(target):.0%}: {entry['candidates']} candidates, test ppl "
+                  f"{entry['test_ppl_range'][0]:.2f}-{entry['test_ppl_range'][1]:.2f}", "",
+                  "| fitness | data | windows | tokens / eval | s / eval | Spearman vs test | picked: test ppl | regret |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in entry["settings"]:
+            rho = "" if row["spearman"] is None else f"{row['spearman']:.3f}"
+            lines.append(f"| {row['fitness']} | {row['data']} | {row['windows']} | {row['tokens']:,.0f} | "
+                         f"{row['seconds_per_eval']:.2f} | {rho} | {row['picked_test_ppl']:.2f} | {row['regret']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--candidates", type=int, default=40, help="candidates per target")
+    parser.add_argument("--targets", default="0.2,0.5")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--analyse-only", action="store_true", help="rewrite the results from the journal")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    WORK.mkdir(parents=True, exist_ok=True)
+    journal = WORK / "candidates.jsonl"
+    done = read_jsonl(journal)
+    if not args.analyse_only:
+        model, tokenizer = load_model("default")
+        pruner = Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=64, seq_len=128, seed=0,
+                                                                   data_dir=DATA_DIR), progress=False)
+        passes = Passes(model, tokenizer)
+        for target in (float(t) for t in args.targets.split(",")):
+            space = SearchSpace(pruner.layer_params, target, DEFAULT_BOUNDS)
+            have = {(r["target"], tuple(r["rates"])) for r in done}
+            for i, cand in enumerate(candidates(space, pruner, target, args.candidates)):
+                if (target, tuple(cand["rates"])) in have:
+                    continue
+                pruned, report = pruner.build(cand["rates"])
+                record = {"target": target, **cand, "achieved_rate": report.achieved_rate,
+                          "passes": passes.score(pruned)}
+                append_jsonl(journal, record)
+                done.append(record)
+                test = math.exp(np.mean(record["passes"]["wt2-test-128"]["per_window"]))
+                print(f"{target:.0%} #{i} {cand['source']}: test ppl {test:.2f}", flush=True)
+                write(done)
+    write(done)
+
+
+def write(records: list[dict]) -> None:
+    if not records:
+        return
+    data = {"settings": {"model": "default (SmolLM2-135M-Instruct)", "criterion": "flap", "gqa_policy": "group",
+                         "calibration": {"source": "c4", "num_samples": 64, "seq_len": 128, "seed": 0},
+                         "passes": [dict(zip(("label", "dataset", "split", "seq_len", "windows"), p)) for p in PASSES],
+                         "versions": versions()},
+            "analysis": analyse(records)}
+    atomic_write_json(RESULTS / f"{NAME}.json", data)
+    atomic_write_text(RESULTS / f"{NAME}.md", table(data) + "\n")
+
+
+if __name__ == "__main__":
+    main()
