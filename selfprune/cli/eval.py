@@ -1,8 +1,8 @@
 """``selfprune eval``: zero-shot accuracy (lm-eval) of a dense or pruned model on the seven tasks."""
 from __future__ import annotations
 
-from .common import (HelpFormatter, add_data_option, add_model_options, add_json_out_options, check_output,
-                     positive_int)
+from .common import (HelpFormatter, add_data_option, add_model_options, add_json_out_options, check_model_options,
+                     check_output, positive_int)
 
 
 def register(sub, parents=()):
@@ -31,17 +31,20 @@ def run(args) -> int:
     from ..evaluation.zero_shot import check_local_files, evaluate_zero_shot, format_table, parse_tasks, resolve_source
     from ..io import atomic_write_json
     from ..models import load_model
+    from ..offload import input_device
 
+    check_model_options(args)
     out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
     names = parse_tasks(args.tasks)  # bad task names or missing data fail before the (slow) model load
     source, directory = resolve_source(args.source, args.data_dir)
     if source == "local":
         check_local_files(names, directory)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                                  max_memory=args.max_memory, offload_dir=args.offload_dir)
     results = evaluate_zero_shot(model, tokenizer, names, limit=args.limit, data_dir=directory,
                                  batch_size=args.batch_size, seed=args.seed, source=source)
     results["model"] = args.model
-    results["settings"].update(dtype=args.dtype, device=str(next(model.parameters()).device))
+    results["settings"].update(dtype=args.dtype, device=str(input_device(model)))
     print(format_table(results))
     if out:
         atomic_write_json(out, results)

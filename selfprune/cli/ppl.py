@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (HelpFormatter, add_data_option, add_engine_options, add_json_out_options, add_model_options,
-                     check_gguf_model, check_model, check_output, positive_int, say)
+                     check_gguf_model, check_model, check_model_options, check_output, positive_int, say)
 
 
 def register(sub, parents=()):
@@ -33,6 +33,7 @@ def run(args) -> int:
     from ..models import load_model
     from ..perplexity import PerplexityEvaluator
 
+    check_model_options(args)
     out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
     check_text_available(args.dataset, args.split, args.data_dir)
     if args.engine == "llama.cpp":
@@ -50,7 +51,8 @@ def run(args) -> int:
         check_model(args.model, {"--seq-len": args.seq_len})
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map)
+        model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map,
+                                      max_memory=args.max_memory, offload_dir=args.offload_dir)
         evaluator = PerplexityEvaluator(tokenizer, args.dataset, args.split, args.seq_len, args.max_windows,
                                         args.batch_size, args.data_dir, progress=True)
         if args.max_windows is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import SelfpruneError
 from .common import (HelpFormatter, add_calibration_options, add_data_option, add_model_options, add_overwrite_option,
-                     add_pruning_options, calibration_config, check_model, check_output,
+                     add_pruning_options, calibration_config, check_model, check_model_options, check_output,
                      positive_int, rate_fraction, read_rates_file, say)
 
 PPL_DATASETS = ("wikitext2", "ptb", "c4", "none")
@@ -39,6 +39,7 @@ def run(args) -> int:
     from ..data import check_text_available
     from ..io import run_lock
 
+    check_model_options(args)
     if (args.rate is None) == (args.rates is None):
         raise SelfpruneError("give exactly one of --rate (one rate for every layer) or --rates FILE (one per layer)")
     rates = read_rates_file(args.rates) if args.rates else None
@@ -63,7 +64,8 @@ def _prune(args, rates, out) -> int:
 
     evaluator = None
     calibration = calibration_config(args)
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, max_memory=args.max_memory,
+                                  offload_dir=args.offload_dir)
     if args.ppl_dataset != "none":  # the text is read before the slow calibration: a missing file fails now
         from ..perplexity import PerplexityEvaluator
 

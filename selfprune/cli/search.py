@@ -5,12 +5,13 @@ from pathlib import Path
 
 from ..errors import SelfpruneError
 from .common import (HelpFormatter, add_calibration_options, add_data_option, add_model_options, add_pruning_options,
-                     check_model, check_output, nonnegative_int, open_fraction, positive_float, positive_int,
-                     say)
+                     check_model, check_model_options, check_output, nonnegative_int, open_fraction, positive_float,
+                     positive_int, say)
 
 
 def register(sub, parents=()):
-    from ..search.launch import DEFAULT_BUDGET, DEFAULT_OFFSPRING, DEFAULT_POPULATION, DEFAULT_RESCORE_WINDOWS, OPERATORS
+    from ..search.launch import (CANDIDATE_KINDS, DEFAULT_BUDGET, DEFAULT_CANDIDATES, DEFAULT_OFFSPRING,
+                                 DEFAULT_POPULATION, DEFAULT_RESCORE_WINDOWS, OPERATORS)
     from ..search.llm_operator import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
     from ..search.space import DEFAULT_BOUNDS
 
@@ -25,7 +26,9 @@ def register(sub, parents=()):
     g.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR with its saved config; other options are ignored except "
                         "--budget (to extend a run), --rescore-top / --rescore-windows, --llm-base-url / "
-                        "--llm-api-key-env (the LLM server may have moved), --no-progress and --no-save-model")
+                        "--llm-api-key-env (the LLM server may have moved), --workers / --worker-threads / "
+                        "--ray-address (where candidates are scored; results do not change), --no-progress and "
+                        "--no-save-model")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out run; the old one stays until the new run starts")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice of the search (not calibration)")
@@ -55,6 +58,19 @@ def register(sub, parents=()):
     g.add_argument("--rescore-windows", type=positive_int, default=None,
                    help=f"windows of the same validation split for re-scoring; if not given: {DEFAULT_RESCORE_WINDOWS} "
                         "for a new run, unchanged on --resume")
+    g = p.add_argument_group("evaluation (where candidates are scored; the results do not depend on it)")
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="score candidates on N Ray actors, each holding the model: one per GPU with --device cuda, "
+                        "else one per --worker-threads CPU cores; 1 scores them in this process without Ray. If not "
+                        "given: 1 for a new run, unchanged on --resume")
+    g.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="join an existing Ray cluster (e.g. auto, or host:6379) instead of starting a local one; "
+                        "none on --resume drops the address a run was started with")
+    g.add_argument("--worker-threads", type=positive_int, default=None, metavar="N",
+                   help="torch threads per worker; if not given: 1 for a new run, unchanged on --resume")
+    g.add_argument("--candidates", default=DEFAULT_CANDIDATES, choices=CANDIDATE_KINDS,
+                   help="sliced: score a physically pruned copy of each candidate (fast); masked: score the dense "
+                        "weights with the removed heads and channels masked (no copy: for models that barely fit)")
     g = p.add_argument_group("search")
     g.add_argument("--operator", default="llm", choices=OPERATORS,
                    help="llm: Self-Pruner; llm-random: its ablation (same prompts, repair, fallback and budget, but "
@@ -115,6 +131,7 @@ def run(args) -> int:
             raise SelfpruneError(f"{run_dir} already exists: pass --resume {run_dir} to continue it, "
                                  f"--overwrite to replace it, or another --out")
         check_output(run_dir, kind="dir", overwrite=args.overwrite)
+        check_model_options(args)
         check_model(config["model"], {"--seq-len": config["fitness"]["seq_len"],
                                       "--calib-seq-len": config["calibration"]["seq_len"]})
         with run_lock(run_dir):  # an --overwrite of a run still going is refused here

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (HelpFormatter, add_engine_options, add_json_out_options, add_model_options, check_gguf_model,
-                     check_model, check_output, nonnegative_int, positive_int, say)
+                     check_model, check_model_options, check_output, nonnegative_int, positive_int, say)
 
 
 def register(sub, parents=()):
@@ -34,6 +34,7 @@ def run(args) -> int:
     from ..io import atomic_write_json
     from ..models import load_model
 
+    check_model_options(args)
     out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
     if args.engine == "llama.cpp":
         return _run_llama_cpp(args, out)
@@ -46,8 +47,9 @@ def run(args) -> int:
         check_model(spec, lengths)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, args.dtype, args.device, args.device_map)
-    baseline, _ = load_model(args.baseline, args.dtype, args.device, args.device_map)
+    placement = {"max_memory": args.max_memory, "offload_dir": args.offload_dir}
+    model, _ = load_model(args.model, args.dtype, args.device, args.device_map, **placement)
+    baseline, _ = load_model(args.baseline, args.dtype, args.device, args.device_map, **placement)
     say(f"timing {args.model} against {args.baseline}: {len(sweep)} prefill settings"
         f"{' + decode' if args.decode_tokens else ''}, {args.warmup} warm-up + {args.repeats} timed runs each")
     result = compare_speed(model, baseline, sweep=sweep, decode_tokens=args.decode_tokens, prompt_len=args.prompt_len,

@@ -1,5 +1,9 @@
 """A readable report of one search run: markdown with PNG plots, ready to open or paste into a paper.
 
+Given a recovered model folder (``selfprune recover --out``) or a recovery run still in progress instead,
+``selfprune report`` writes that recovery's report (settings, held-out numbers, ``loss.png``): see
+``selfprune.evaluation.recovery_report``.
+
 ``selfprune report RUN_DIR`` reads what ``selfprune search`` wrote there (``config.json``,
 ``journal.jsonl``, and when present ``best.json``, ``summary.json``, ``proposals.jsonl``, ``llm/*.jsonl``)
 and writes ``report.md``, ``rates.png`` (per-layer rates of the best candidate vs uniform) and
@@ -42,8 +46,9 @@ def load_run(run_dir) -> dict:
         raise SelfpruneError(f"{run} is not a folder: give the run directory that `selfprune search --out` wrote")
     missing = [name for name in ("config.json", "journal.jsonl") if not (run / name).is_file()]
     if missing:
-        raise SelfpruneError(f"{run} is not a search run directory (no {' or '.join(missing)}): "
-                             "give the folder that `selfprune search --out` wrote")
+        raise SelfpruneError(f"{run} is not a search run directory (no {' or '.join(missing)}) nor a recovery "
+                             "folder (no recovery_run.json, no recovery in config.json): give the folder that "
+                             "`selfprune search --out` or `selfprune recover --out` wrote")
     journal = read_jsonl(run / "journal.jsonl")
     if not journal:
         raise SelfpruneError(f"{run}/journal.jsonl holds no evaluation yet: report once the search has evaluated "
@@ -203,6 +208,13 @@ def summary_section(run: dict, best: dict) -> str:
     model = summary.get("model") or {}
     if model.get("path"):
         rows.append(["pruned model", f"`{model['path']}` (achieved rate {_g(model.get('achieved_rate'), 4)})"])
+    recovered = summary.get("recovery") or {}  # selfprune.recovery.recover_search_model's facts
+    if recovered.get("path"):
+        loss = recovered.get("heldout_lm_loss") or {}
+        rows.append(["recovered model", f"`{recovered['path']}`: held-out loss {_g(loss.get('before'))} -> "
+                                         f"{_g(loss.get('after'))} nats/token after {recovered.get('tokens', 0):,} "
+                                         f"tokens of {recovered.get('method')} "
+                                         f"({_g(recovered.get('train_seconds'))} s)"])
     return _table(["", "value"], rows, "ll")
 
 
@@ -314,7 +326,12 @@ def speed_section(results: dict) -> str:
 
 # -- the report --------------------------------------------------------------------------------------------
 def build_report(run_dir, out_dir=None) -> Path:
-    """Write ``report.md``, ``rates.png`` and ``fitness.png`` for the run in ``run_dir``; returns report.md."""
+    """Write ``report.md``, ``rates.png`` and ``fitness.png`` for the run in ``run_dir``; returns report.md.
+    A recovery folder gets its own report (``report.md``, ``loss.png``) instead."""
+    from .recovery_report import build_recovery_report, is_recovery_folder
+
+    if is_recovery_folder(run_dir):
+        return build_recovery_report(run_dir, out_dir)
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run["dir"] / "report"
     if out.exists() and not out.is_dir():

@@ -69,7 +69,9 @@ def model_facts(model) -> dict:
 
 # -- timing ----------------------------------------------------------------------------------------------
 def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
+    from ..offload import input_device
+
+    return input_device(model)  # a model placed with device_map may hold its first parameter on "meta"
 
 
 def _sync(device: torch.device) -> None:

@@ -554,7 +554,9 @@ class TransformersChatBackend:
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        device = next(self.model.parameters()).device
+        from ..offload import input_device
+
+        device = input_device(self.model)
         inputs = {key: value.to(device) for key, value in inputs.items()}
         prompt_tokens = int(inputs["input_ids"].shape[1])
         pad_id = self.tokenizer.pad_token_id

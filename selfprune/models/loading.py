@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ..checkpoints import check_weights, torch_dtype
-from ..errors import SelfpruneError
+from ..errors import SelfpruneError, option
 from ..io import restore_interrupted
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -147,14 +147,116 @@ def is_pruned_dir(path: Path) -> bool:
         return False
 
 
-def load_model(spec: str | None = "default", dtype: str = "float32", device: str = "cpu", device_map=None):
+MAX_MEMORY_EXAMPLE = "0:70GiB,cpu:200GiB"
+#: Budget keys besides GPU indices.
+MEMORY_DEVICES = ("cpu", "mps")
+
+
+def _memory_device(key) -> int | str:
+    """A ``max_memory`` key: a GPU index (``0``, ``"0"``, ``"cuda:0"``), ``cpu`` or ``mps``."""
+    text = str(key).strip().lower()
+    if text.startswith("cuda:"):
+        text = text[len("cuda:"):]
+    if text.isdigit():
+        return int(text)
+    if text in MEMORY_DEVICES:
+        return text
+    raise ValueError(f"device {str(key).strip()!r} is not a GPU index (0, 1, ...), cpu or mps: write e.g. "
+                     f"{MAX_MEMORY_EXAMPLE}")
+
+
+def _memory_size(size, device) -> int:
+    """Bytes from an int or from text accelerate reads (``70GiB``, ``500MB``, or plain bytes)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    text = str(size).strip()
+    try:
+        value = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        value = None
+    if isinstance(size, bool) or not value or value < 0:
+        raise ValueError(f"size {text!r} for {device} is not a memory size: use a number of bytes or a unit such "
+                         f"as 70GiB, 512MiB or 80GB, e.g. {MAX_MEMORY_EXAMPLE}")
+    return value
+
+
+def read_max_memory(value: str | dict) -> dict:
+    """accelerate's ``max_memory`` (device -> bytes) from text such as ``0:70GiB,cpu:200GiB`` or from a dict
+    (a saved run config, where JSON turned GPU indices into strings); ValueError names what is wrong."""
+    if isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            key, colon, size = part.rpartition(":")   # rpartition: "cuda:0:70GiB" is device cuda:0
+            if not colon or not key.strip() or not size.strip():
+                raise ValueError(f"entry {part.strip()!r} is not DEVICE:SIZE: write e.g. {MAX_MEMORY_EXAMPLE}")
+            items.append((key, size))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        raise ValueError(f"must be text such as {MAX_MEMORY_EXAMPLE} or a dict, not {type(value).__name__}")
+    budget: dict = {}
+    for key, size in items:
+        device = _memory_device(key)
+        if device in budget:
+            raise ValueError(f"names device {device} twice: give each device once")
+        budget[device] = _memory_size(size, device)
+    if not budget:
+        raise ValueError(f"has no DEVICE:SIZE entries: write e.g. {MAX_MEMORY_EXAMPLE}")
+    return budget
+
+
+def parse_max_memory(value: str | dict | None) -> dict | None:
+    """``read_max_memory`` with a one-line SelfpruneError; None stays None."""
+    if value is None:
+        return None
+    try:
+        return read_max_memory(value)
+    except ValueError as exc:
+        raise SelfpruneError(f"{option('max_memory')}: {exc}") from None
+
+
+def placement_options(device_map=None, max_memory: str | dict | None = None, offload_dir=None) -> dict:
+    """The ``from_pretrained`` keywords that place a model with accelerate: ``device_map``, the memory budget
+    and the disk offload folder. A budget or an offload folder without a device map would be ignored by
+    transformers, so it is refused; a GPU the budget names must be visible."""
+    budget = parse_max_memory(max_memory)
+    if device_map is None:
+        for name, given in (("max_memory", budget), ("offload_dir", offload_dir)):
+            if given is not None:
+                raise SelfpruneError(f"{option(name)} only acts with {option('device_map')}: add {option('device_map')} "
+                                     f"auto (accelerate then places the model over GPUs, CPU and disk) or drop "
+                                     f"{option(name)}")
+        return {}
+    options = {"device_map": device_map}
+    if budget is not None:
+        gpus = [d for d in budget if isinstance(d, int)]
+        if gpus:
+            import torch
+
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            missing = [g for g in gpus if g >= visible]
+            if missing:
+                raise SelfpruneError(f"{option('max_memory')} names GPU {missing[0]} but {visible} GPU(s) are visible: "
+                                     "budget only visible GPUs (and cpu)")
+        options["max_memory"] = budget
+    if offload_dir is not None:
+        options["offload_folder"] = str(Path(offload_dir).expanduser())
+    return options
+
+
+def load_model(spec: str | None = "default", dtype: str = "float32", device: str = "cpu", device_map=None,
+               max_memory: str | dict | None = None, offload_dir: str | os.PathLike | None = None):
     """Load ``(model, tokenizer)`` from a hub id, a local folder (dense or pruned), or a ``.gguf`` file.
 
     ``device`` may be ``auto`` (cuda when available); ``device_map`` is passed to transformers (e.g.
-    ``"auto"`` to spread a large model over GPUs).
+    ``"auto"`` to spread a large model over GPUs, CPU and disk with accelerate). With it, ``max_memory``
+    caps each device (``"0:70GiB,cpu:200GiB"`` or accelerate's dict) and ``offload_dir`` is the folder for
+    weights that fit nowhere else (from a safetensors checkpoint they are read in place and the folder may
+    stay empty).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = placement_options(device_map, max_memory, offload_dir)
     device = resolve_device(device)
     dtype_object = torch_dtype(dtype)
     location = resolve_model_spec(spec)
@@ -173,12 +275,12 @@ def load_model(spec: str | None = "default", dtype: str = "float32", device: str
         if is_pruned_dir(path):
             from ..pruned_format import load_pruned
 
-            model = load_pruned(path, dtype=dtype, device_map=device_map)
+            model = load_pruned(path, dtype=dtype, **placement)
         else:
-            model = _from_pretrained(AutoModelForCausalLM, str(path), dtype_object, device_map)
+            model = _from_pretrained(AutoModelForCausalLM, str(path), dtype_object, placement)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     else:
-        model = _from_pretrained(AutoModelForCausalLM, location, dtype_object, device_map)
+        model = _from_pretrained(AutoModelForCausalLM, location, dtype_object, placement)
         tokenizer = AutoTokenizer.from_pretrained(location)
     if device_map is None:
         model = model.to(device)
@@ -191,9 +293,9 @@ def load_model(spec: str | None = "default", dtype: str = "float32", device: str
     return model, tokenizer
 
 
-def _from_pretrained(auto_cls, location: str, torch_dtype, device_map):
+def _from_pretrained(auto_cls, location: str, torch_dtype, placement: dict):
     try:
-        return auto_cls.from_pretrained(location, dtype=torch_dtype, device_map=device_map)
+        return auto_cls.from_pretrained(location, dtype=torch_dtype, **placement)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SelfpruneError(

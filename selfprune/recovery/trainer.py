@@ -273,7 +273,8 @@ def _check_resumable(out_dir: Path, record: dict, tokenizer, config: RecoveryCon
     if recorded["data"] | {"origin": None} != data.describe() | {"origin": None}:
         raise SelfpruneError(f"the training data of {out_dir} changed since the run started: restore the data "
                              "it was started with, or start a new run in another folder")
-    record |= {"data": recorded["data"], "sources": record["sources"] or recorded.get("sources", {})}
+    # Recorded sources stay unless given anew: keys only one caller records (a model fingerprint) survive a resume.
+    record |= {"data": recorded["data"], "sources": recorded.get("sources", {}) | record["sources"]}
     return data
 
 

@@ -3,6 +3,10 @@
 ``ppl`` is the pruned model's perplexity on the validation windows; ``kl`` is the mean KL divergence from
 the dense model's next-token distribution on the same windows (EvoPress found it a steadier signal on few
 tokens). Dense log-probabilities for ``kl`` are computed once and kept in float16.
+
+``candidates`` says how a candidate is evaluated: ``sliced`` builds a physically pruned copy (fast, costs the
+kept weights' memory again); ``masked`` runs the dense weights with the removed heads and channels masked
+(``selfprune.masking``: no copy, dense compute) for models that barely fit. Both give the same fitness.
 """
 from __future__ import annotations
 
@@ -13,20 +17,32 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SelfpruneError, option
+from ..offload import input_device
+from ..masking import masked_candidate
 from ..perplexity import PerplexityEvaluator
 
 FITNESS_KINDS = ("ppl", "kl")
+CANDIDATE_MODES = ("sliced", "masked")
+
+
+def check_candidates(candidates: str) -> str:
+    if candidates not in CANDIDATE_MODES:
+        raise SelfpruneError(f"unknown {option('candidates', '--candidates')} {candidates!r}: use one of "
+                             f"{', '.join(CANDIDATE_MODES)} (masked evaluates on the dense weights, for models that "
+                             "barely fit)")
+    return candidates
 
 
 class Fitness:
     """Callable ``rates -> {"fitness", "tokens", "seconds", "forward_seconds", ...}``; lower is better."""
 
     def __init__(self, pruner, evaluator: PerplexityEvaluator, kind: str = "ppl",
-                 dense_logprobs: list[torch.Tensor] | None = None):
+                 dense_logprobs: list[torch.Tensor] | None = None, candidates: str = "sliced"):
         if kind not in FITNESS_KINDS:
             raise SelfpruneError(f"unknown fitness {kind!r}: use one of {', '.join(FITNESS_KINDS)}")
+        self.candidates = check_candidates(candidates)
         self.pruner, self.evaluator, self.kind = pruner, evaluator, kind
-        self.settings = {"kind": kind, **evaluator.settings}
+        self.settings = {"kind": kind, "candidates": candidates, **evaluator.settings}
         if kind == "kl" and dense_logprobs is None:
             dense_logprobs = self._dense_reference()
         self._dense_logprobs = dense_logprobs
@@ -34,16 +50,20 @@ class Fitness:
     def data(self) -> dict:
         """What another process needs to score candidates exactly as this one does (the token windows and,
         for ``kl``, the dense model's log-probabilities), without the data files or a second dense pass."""
-        return {"kind": self.kind, "evaluator": self.evaluator, "dense_logprobs": self._dense_logprobs}
+        return {"kind": self.kind, "evaluator": self.evaluator, "dense_logprobs": self._dense_logprobs,
+                "candidates": self.candidates}
 
     @classmethod
-    def from_data(cls, pruner, data: dict) -> "Fitness":
-        return cls(pruner, data["evaluator"], data["kind"], data["dense_logprobs"])
+    def from_data(cls, pruner, data: dict, candidates: str | None = None) -> "Fitness":
+        """``candidates`` overrides the mode recorded in ``data`` (a worker short of memory can mask while
+        the driver slices: the fitness is the same)."""
+        return cls(pruner, data["evaluator"], data["kind"], data["dense_logprobs"],
+                   candidates or data.get("candidates", "sliced"))
 
     @torch.no_grad()
     def _dense_reference(self) -> list[torch.Tensor]:
         model = self.pruner.model
-        device = next(model.parameters()).device
+        device = input_device(model)
         out = []
         for ids in self._batches():
             logits = model(ids.to(device), use_cache=False).logits[:, :-1].float()
@@ -56,7 +76,7 @@ class Fitness:
 
     @torch.no_grad()
     def _kl(self, model) -> dict:
-        device = next(model.parameters()).device
+        device = input_device(model)
         total, start = 0.0, time.perf_counter()
         for ids, dense in zip(self._batches(), self._dense_logprobs):
             logits = model(ids.to(device), use_cache=False).logits[:, :-1].float()
@@ -68,18 +88,25 @@ class Fitness:
 
     def __call__(self, rates) -> dict:
         start = time.perf_counter()
-        model, report = self.pruner.build(rates)
-        if self.kind == "ppl":
-            scored = self.evaluator(model)
-            value = scored["ppl"]
+        if self.candidates == "masked":
+            candidate = masked_candidate(self.pruner, rates)
+            with candidate as model:
+                scored = self._score(model)
+            achieved_rate = candidate.achieved_rate
         else:
-            scored = self._kl(model)
-            value = scored["kl"]
+            model, report = self.pruner.build(rates)
+            scored = self._score(model)
+            achieved_rate = report.achieved_rate
+            del model   # the sliced copy goes before the next candidate is built
+        value = scored["ppl"] if self.kind == "ppl" else scored["kl"]
         total = time.perf_counter() - start
         if not math.isfinite(value):
             value = float("inf")
         return {"fitness": value, "tokens": scored["tokens"], "seconds": total,
-                "forward_seconds": scored["seconds"], "achieved_rate": report.achieved_rate}
+                "forward_seconds": scored["seconds"], "achieved_rate": achieved_rate}
+
+    def _score(self, model) -> dict:
+        return self.evaluator(model) if self.kind == "ppl" else self._kl(model)
 
 
 def layer_shapes(pruner, rates) -> tuple:
@@ -93,11 +120,13 @@ def layer_shapes(pruner, rates) -> tuple:
 
 
 def make_fitness(pruner, kind: str = "ppl", dataset: str = "wikitext2", split: str = "validation",
-                 seq_len: int = 128, max_windows: int | None = 16, batch_size: int = 8, data_dir=None) -> Fitness:
+                 seq_len: int = 128, max_windows: int | None = 16, batch_size: int = 8, data_dir=None,
+                 candidates: str = "sliced") -> Fitness:
     """The search's fitness on ``dataset``/``split``; the test split is refused so results are never leaked."""
+    check_candidates(candidates)   # before the data is read
     if split == "test":
         raise SelfpruneError(f"the search's fitness must not use the test split: pass {option('split')} validation")
     if pruner.tokenizer is None:
         raise SelfpruneError("the fitness needs the tokenizer: build the Pruner with it")
     evaluator = PerplexityEvaluator(pruner.tokenizer, dataset, split, seq_len, max_windows, batch_size, data_dir)
-    return Fitness(pruner, evaluator, kind)
+    return Fitness(pruner, evaluator, kind, candidates=candidates)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import SelfpruneError
 from ..io import atomic_write_json
+from .parallel import require_ray
 from .runner import MODEL_DIR, SUMMARY, RunSettings, SearchProblem, SearchRunner, create_run_dir, size_population
 from .space import SearchSpace, parse_bounds
 
@@ -27,6 +28,10 @@ DEFAULT_BUDGET = 430
 DEFAULT_POPULATION = 30
 DEFAULT_RESCORE_WINDOWS = 64
 DEFAULT_OFFSPRING = 20
+DEFAULT_WORKERS = 1
+DEFAULT_WORKER_THREADS = 1
+CANDIDATE_KINDS = ("sliced", "masked")
+DEFAULT_CANDIDATES = "sliced"
 # 2: "flap" squares the o_proj metric before the per-head sum (FLAP's reference); version-1 runs scored heads
 # unsquared, so they resume with "flap_unsquared" and keep ranking heads as they did.
 CONFIG_VERSION = 2
@@ -92,6 +97,8 @@ def build_config(args) -> dict:
         budget = {"uniform": 1, "owl": len(lambdas)}.get(args.operator, DEFAULT_BUDGET)
     n_cross = args.offspring // 2
     population, population_note = size_population(args.operator, budget, args.population, args.offspring)
+    workers, worker_threads, ray_address = _evaluation_settings({}, args)
+    require_ray(workers, ray_address)  # now, not after the model has loaded
     return {
         "config_version": CONFIG_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -130,8 +137,32 @@ def build_config(args) -> dict:
         "calibration": {"source": args.calib_dataset, "split": args.calib_split, "num_samples": args.calib_samples,
                         "seq_len": args.calib_seq_len, "seed": args.calib_seed},
         "data_dir": args.data_dir,
+        # where candidates are scored (results do not depend on it: --resume may change it)
+        "workers": workers,
+        "worker_threads": worker_threads,
+        "ray_address": ray_address,
+        "candidates": getattr(args, "candidates", None) or DEFAULT_CANDIDATES,
+        "max_memory": getattr(args, "max_memory", None),
+        "offload_dir": getattr(args, "offload_dir", None),
         "versions": _versions(),
     }
+
+
+def _evaluation_settings(current: dict, args) -> tuple[int, int, str | None]:
+    """(workers, worker threads, Ray address): the options given, else the run's current ones, else the
+    defaults. ``--ray-address none`` drops an address a run was started with."""
+    workers = getattr(args, "workers", None)
+    workers = int(current.get("workers") or DEFAULT_WORKERS) if workers is None else workers
+    threads = getattr(args, "worker_threads", None)
+    threads = int(current.get("worker_threads") or DEFAULT_WORKER_THREADS) if threads is None else threads
+    address = getattr(args, "ray_address", None)
+    address = current.get("ray_address") if address is None else address
+    if address is not None and address.strip().lower() in ("", "none"):
+        address = None
+    for option, value in (("--workers", workers), ("--worker-threads", threads)):
+        if value < 1:
+            raise SelfpruneError(f"{option} {value} is too small: use at least 1")
+    return workers, threads, address
 
 
 def default_out(config: dict) -> Path:
@@ -189,7 +220,13 @@ def _make_fitness(pruner, config: dict, windows: int | None = None):
 
     f = config["fitness"]
     return make_fitness(pruner, kind=f["kind"], dataset=f["dataset"], split=f["split"], seq_len=f["seq_len"],
-                        max_windows=windows or f["windows"], batch_size=f["batch_size"], data_dir=config["data_dir"])
+                        max_windows=windows or f["windows"], batch_size=f["batch_size"], data_dir=config["data_dir"],
+                        candidates=config.get("candidates", DEFAULT_CANDIDATES))
+
+
+def load_options(config: dict) -> dict:
+    """The keywords of ``load_model`` a run sets beyond model, dtype and device (the workers load with them too)."""
+    return {key: config[key] for key in ("max_memory", "offload_dir") if config.get(key) is not None}
 
 
 def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: bool = True) -> dict:
@@ -199,9 +236,10 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     from selfprune.pruning import CalibrationConfig, Pruner
 
     from .fitness import layer_shapes
+    from .parallel import make_pool, peak_rss_mb
 
     model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=config["device"],
-                                  device_map=config.get("device_map"))
+                                  device_map=config.get("device_map"), **load_options(config))
     c = config["calibration"]
     calibration = CalibrationConfig(source=c["source"], split=c.get("split", "validation"), num_samples=c["num_samples"],
                                     seq_len=c["seq_len"], seed=c["seed"], data_dir=config["data_dir"])
@@ -242,12 +280,18 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     settings = RunSettings(budget=config["budget"], population=population, seed=config["seed"],
                            rescore_top=rescore["top"], population_note=config.get("population_note"))
     seeds = build_seeds(config["seed_population"], space, problem, config["owl"])
-    runner = SearchRunner(run_dir, space, problem, operator, settings, seeds=seeds, progress=progress)
-    summary = runner.run()
+    pool = make_pool(config, pruner, fitness)  # Ray actors start on the first batch that needs them
+    try:
+        runner = SearchRunner(run_dir, space, problem, operator, settings, seeds=seeds, progress=progress, pool=pool)
+        summary = runner.run()
+    finally:
+        pool.close()
     settings_of = getattr(fitness, "settings", None)
     if settings_of is not None:  # what the fitness really scored (dataset origin, tokens), for the record
         summary["fitness_settings"] = settings_of() if callable(settings_of) else settings_of
-        atomic_write_json(run_dir / SUMMARY, summary)
+    # peak resident memory of this session's processes (MiB; a worker that never started reports 0)
+    summary["evaluation"]["peak_rss_mb"] = {"driver": peak_rss_mb(), "workers": pool.worker_peak_rss_mb()}
+    atomic_write_json(run_dir / SUMMARY, summary)
     return summary
 
 
@@ -263,11 +307,17 @@ def _rescore_settings(current: dict | None, args) -> dict:
 
 
 def apply_resume_overrides(config: dict, args) -> bool:
-    """The few settings a resumed run may change: its budget, where the LLM server is now, and the final
-    re-scoring of its best candidates.
+    """The few settings a resumed run may change: its budget, where the LLM server is now, the final
+    re-scoring of its best candidates, and where candidates are scored (workers, their threads, the Ray
+    cluster).
 
     None changes what was evaluated; returns whether the config changed."""
     changed = False
+    workers, threads, address = _evaluation_settings(config, args)
+    for key, value, default in (("workers", workers, DEFAULT_WORKERS), ("ray_address", address, None),
+                                ("worker_threads", threads, DEFAULT_WORKER_THREADS)):
+        if config.get(key, default) != value:  # a run made before these settings has the defaults
+            config[key], changed = value, True
     rescore = _rescore_settings(config.get("rescore"), args)
     if rescore != config.get("rescore"):
         config["rescore"], changed = rescore, True
@@ -320,7 +370,9 @@ def check_run_config(config: dict, path: Path) -> dict:
 
 
 def preflight(config: dict) -> None:
-    """Everything checkable before the model loads: the LLM server, its key, the data."""
+    """Everything checkable before the model loads: Ray where the run needs it, the LLM server, its key, the
+    data."""
+    require_ray(config.get("workers", DEFAULT_WORKERS), config.get("ray_address"))
     llm = config.get("llm")
     if config["operator"] == "llm" and llm is not None:
         from ..llm import preflight_backend

@@ -181,6 +181,18 @@ def run_is_finished(run_dir: str | Path, config: dict, save_model: bool = True) 
 
 
 @dataclass
+class _Planned:
+    """A new candidate of a batch: its index in the journal and where it came from."""
+
+    index: int
+    iteration: int
+    slot: int
+    proposal: Proposal
+    repair: object
+    key: Hashable
+
+
+@dataclass
 class _State:
     members: list[Member] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
@@ -244,8 +256,12 @@ class SearchRunner:
 
     def __init__(self, run_dir: str | Path, space: SearchSpace, problem: SearchProblem, operator: Operator,
                  settings: RunSettings, seeds: list[Proposal] | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, pool=None):
+        from .parallel import InProcessPool
+
         self.run_dir = Path(run_dir)
+        # Where candidates are scored: this process (default) or workers (:class:`.parallel.RayPool`).
+        self.pool = pool if pool is not None else InProcessPool(problem.evaluate)
         self.space = space
         self.problem = problem
         self.operator = operator
@@ -354,60 +370,93 @@ class SearchRunner:
         return proposals
 
     def _process(self, iteration: int, batch: list[Proposal]) -> list[Member]:
-        """Repair, deduplicate and evaluate one batch (or take the evaluations from the journal)."""
+        """Repair, deduplicate and evaluate one batch (or take the evaluations from the journal).
+
+        The batch is planned first, in slot order (cache hits, duplicates inside the batch, indices and the
+        budget exactly as one-at-a-time evaluation would have them), then every new candidate goes to the pool
+        at once. Each result is journaled as it arrives (in any order: the journal is keyed by index); the
+        members join in index order, so N workers give the run one worker gives.
+        """
         st = self.state
-        new: list[Member] = []
+        planned: list[_Planned] = []
+        batch_keys: set = set()
         for slot, proposal in enumerate(batch):
-            if len(st.members) >= self.settings.budget:
+            if len(st.members) + len(planned) >= self.settings.budget:
                 break
             try:
                 repair = self.space.repair(proposal.rates)
             except ValueError as exc:  # an operator bug; never silently evaluate garbage
                 raise SelfpruneError(f"operator {proposal.operator} produced an invalid candidate: {exc}") from None
             key = self.problem.key(repair.rates)
-            if key in st.cache:
+            if key in st.cache or key in batch_keys:
                 st.cache_hits += 1
                 continue
-            index = len(st.members)
-            record = self._journal.get(index)
-            if record is not None:
-                if record.get("iteration") != iteration or record.get("slot") != slot or not np.allclose(
-                    record["rates"], repair.rates, rtol=0, atol=1e-12
-                ):
-                    raise SelfpruneError(
-                        f"journal entry {index} does not match the replayed search: {self.run_dir} was "
-                        f"written with other settings or code; start a new run"
-                    )
-                fresh = False
-            else:
-                record = self._evaluate(index, iteration, slot, proposal, repair)
-                fresh = True
-            member = Member(index, list(record["rates"]), _finite(record["fitness"]))
-            st.members.append(member)
-            st.records.append(record)
-            st.cache[key] = index
-            new.append(member)
-            if st.best is None or (member.fitness, member.id) < (st.best.fitness, st.best.id):
-                st.best = member
-                if fresh:  # replayed improvements are written once, at the end of the replay
-                    self._write_best(record)
+            batch_keys.add(key)
+            planned.append(_Planned(len(st.members) + len(planned), iteration, slot, proposal, repair, key))
+        records: dict[int, dict] = {}
+        todo: list[_Planned] = []
+        for plan in planned:
+            record = self._journal.get(plan.index)
+            if record is None:
+                todo.append(plan)
+                continue
+            if record.get("iteration") != iteration or record.get("slot") != plan.slot or not np.allclose(
+                record["rates"], plan.repair.rates, rtol=0, atol=1e-12
+            ):
+                raise SelfpruneError(
+                    f"journal entry {plan.index} does not match the replayed search: {self.run_dir} was "
+                    f"written with other settings or code; start a new run"
+                )
+            records[plan.index] = record
+        new: list[Member] = []
+        fresh: set[int] = set()
+
+        def commit_ready() -> None:
+            """Add the members whose lower-indexed batch mates are all in (in index order)."""
+            while len(new) < len(planned) and planned[len(new)].index in records:
+                plan = planned[len(new)]
+                new.append(self._commit(plan, records[plan.index], plan.index in fresh))
+
+        commit_ready()
+        if todo:
+            by_index = {plan.index: plan for plan in todo}
+            for outcome in self.pool.evaluate([(plan.index, list(plan.repair.rates)) for plan in todo]):
+                records[outcome.index] = self._journal_outcome(by_index[outcome.index], outcome)
+                fresh.add(outcome.index)
+                commit_ready()
+        if len(new) != len(planned):  # a pool that lost a candidate: never continue on a partial batch
+            missing = [plan.index for plan in planned if plan.index not in records]
+            raise SelfpruneError(f"the evaluation pool returned no result for candidates {missing}: resume the run")
         return new
 
-    def _evaluate(self, index, iteration, slot, proposal: Proposal, repair) -> dict:
-        started = time.perf_counter()
-        result = self.problem.evaluate(list(repair.rates))
-        seconds = time.perf_counter() - started
+    def _commit(self, plan: "_Planned", record: dict, fresh: bool) -> Member:
+        st = self.state
+        member = Member(plan.index, list(record["rates"]), _finite(record["fitness"]))
+        st.members.append(member)
+        st.records.append(record)
+        st.cache[plan.key] = plan.index
+        if st.best is None or (member.fitness, member.id) < (st.best.fitness, st.best.id):
+            st.best = member
+            if fresh:  # replayed improvements are written once, at the end of the replay
+                self._write_best(record)
+        return member
+
+    def _journal_outcome(self, plan: "_Planned", outcome) -> dict:
+        """The journal record of one evaluation (or of a candidate that failed on every try), fsynced."""
+        proposal, repair = plan.proposal, plan.repair
+        result = outcome.result or {}
+        seconds = outcome.seconds
         achieved = self.problem.achieved(list(repair.rates)) if self.problem.achieved else list(repair.rates)
         llm = proposal.llm or {}
         record = {
-            "index": index,
-            "iteration": iteration,
-            "slot": slot,
+            "index": plan.index,
+            "iteration": plan.iteration,
+            "slot": plan.slot,
             "operator": proposal.operator,
             "parents": list(proposal.parents),
             "rates": list(repair.rates),
             "achieved": [float(a) for a in achieved],
-            "fitness": _finite(result.get("fitness")),
+            "fitness": math.inf if outcome.failed else _finite(result.get("fitness")),
             "tokens": int(result.get("tokens", 0) or 0),
             "seconds": float(result.get("seconds", seconds) or seconds),
             "forward_seconds": float(result.get("forward_seconds", 0.0) or 0.0),
@@ -417,6 +466,11 @@ class SearchRunner:
             "llm_tokens": int(llm.get("prompt_tokens", 0)) + int(llm.get("completion_tokens", 0)),
             "elapsed": self._elapsed_base + (time.perf_counter() - self._session_start),
         }
+        if outcome.retries:  # only where it happened, so journals of runs without faults stay identical
+            record["retries"] = outcome.retries
+        if outcome.failed:
+            record["failed"] = outcome.failed
+            self.log(f"candidate {plan.index} failed on every try and is journaled as failed: {outcome.failed}")
         append_jsonl(self.journal_path, record)
         if self._bar is not None:
             best = min(_finite(record["fitness"]), self.state.best.fitness if self.state.best else math.inf)
@@ -467,6 +521,7 @@ class SearchRunner:
         st = self.state
         if st.best is None:
             raise SelfpruneError(f"the search evaluated no candidate: check {option('budget')} and the operator")
+        self.pool.close()  # the workers' memory is free before the re-scoring and the model save
         rescored = self._rescore() if self.settings.rescore_top else []
         if rescored:
             chosen = min(rescored, key=lambda r: (_finite(r["rescored_fitness"]), r["index"]))
@@ -507,6 +562,9 @@ class SearchRunner:
             "llm": llm,
             "sources": source_stats(st.records),  # the LLM's own candidates apart from the fallback's
             "eval_tokens": int(sum(r.get("tokens", 0) for r in st.records)),
+            "evaluation": {**self.pool.describe(),
+                           "retries": int(sum(r.get("retries", 0) for r in st.records)),
+                           "failed": sum(1 for r in st.records if r.get("failed"))},
         }
         if rescored:
             summary["rescore"] = {
@@ -536,6 +594,24 @@ def _source_cell(summary: dict, source: str) -> str:
     return f"{entry['evaluations']} (best {entry['best_fitness']:.6g})"
 
 
+def _evaluation_cell(evaluation: dict) -> str:
+    """Where candidates were scored, e.g. ``ray, 8 workers x 1 threads (local); 1 retry, 0 failed``."""
+    if evaluation.get("mode") != "ray":
+        text = "in this process"
+    else:
+        text = (f"ray, {evaluation['workers']} workers x {evaluation['worker_threads']} threads "
+                f"({evaluation.get('ray_address') or 'local'})")
+    retries, failed = evaluation.get("retries", 0), evaluation.get("failed", 0)
+    if retries or failed or evaluation.get("mode") == "ray":
+        text += f"; {retries} {'retry' if retries == 1 else 'retries'}, {failed} failed"
+    peaks = evaluation.get("peak_rss_mb") or {}
+    if peaks.get("driver"):
+        workers = [p for p in peaks.get("workers") or [] if p]
+        text += f"; peak memory {peaks['driver']:.0f} MiB" + (
+            f" (driver), {max(workers):.0f} MiB (largest worker)" if workers else "")
+    return text
+
+
 def format_summary(summary: dict) -> str:
     """The table printed at the end of a search."""
     llm = summary.get("llm") or {}
@@ -556,6 +632,7 @@ def format_summary(summary: dict) -> str:
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ("seconds per eval", f"{summary['seconds_per_eval']:.3f}"),
         ("cache hits", str(summary["cache_hits"])),
+        *([("evaluation", _evaluation_cell(summary["evaluation"]))] if summary.get("evaluation") else []),
         ("repairs", f"{summary['repairs']} (max move {summary['repair_max_distance']:.4f})"),
     ]
     if llm.get("calls"):
