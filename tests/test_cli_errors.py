@@ -162,6 +162,10 @@ CASES = [
     ("speed: zero repeats", ["speed", "--model", "{good}", "--baseline", "{good}", "--repeats", "0"], "--repeats"),
     ("report: missing run", ["report", "no-such-run"], "not a folder"),
     ("report: garbage journal line", ["report", "run-garbage-journal"], "line 1"),
+    ("recover: offload of a trained model", ["recover", "--model", "{good}", "--out", "o", "--device-map", "auto",
+                                              "--offload-dir", "off"], "cannot be trained"),
+    ("search: --recover-tokens below one step", ["search", "--model", "{good}", "--target", "0.3", "--operator", "uniform",
+                                                "--recover-tokens", "10", "--out", "o"], "one training step"),
     ("config: missing data folder", ["config", "--data-dir", "no-such-data"], "not a folder"),
     ("unknown subcommand", ["distill"], "invalid choice"),
 ]

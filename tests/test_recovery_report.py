@@ -230,3 +230,38 @@ def test_recover_search_model_refuses_bad_input_before_loading(search_run, tmp_p
         recover_search_model(search_run["run"] / "model", "default", 100)
     with pytest.raises(SelfpruneError, match="distils from a teacher"):
         recover_search_model(search_run["run"] / "model", None, 10_000)
+
+
+def test_search_recover_tokens_end_to_end(search_run, data_dir, tmp_path, capsys):
+    """`search --recover-tokens`: the finished run's best model is distilled into model-recovered, the summary
+    records it, a resume finds nothing to do; adding it to a finished run by --resume recovers then."""
+    common = ["search", "--model", str(search_run["dense"]), "--target", "0.3", "--seq-len", "32",
+              "--fitness-windows", "4", "--fitness-dataset", "ptb", "--calib-samples", "8", "--data-dir", str(data_dir),
+              "--device", "cpu", "--no-progress", "--operator", "uniform", "--budget", "1"]
+    assert main([*common, "--out", str(tmp_path / "bad"), "--recover-tokens", "100"]) == 2
+    assert "less than one training step (1024 tokens)" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "bad"), "--recover-tokens", "2048", "--no-save-model"]) == 2
+    assert "drop --no-save-model" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+    run = tmp_path / "run"
+    assert main([*common, "--out", str(run), "--recover-tokens", "2048"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    recovery = summary["recovery"]
+    assert recovery["requested_tokens"] == 2048 and recovery["steps"] == 2 and recovery["method"] == "kd"
+    assert recovery["path"] == str(run / "model-recovered") and (run / "model-recovered" / "config.json").is_file()
+    assert all(math.isfinite(v) for v in recovery["heldout_kl"].values())  # KL to the dense teacher, before/after
+    searched, _ = selfprune.load(run / "model")
+    recovered, _ = selfprune.load(run / "model-recovered")
+    weights = dict(searched.named_parameters())
+    changed = [n for n, w in recovered.named_parameters() if w.shape == weights[n].shape and not torch.equal(w, weights[n])]
+    assert changed and all(w.shape == weights[n].shape for n, w in recovered.named_parameters())  # trained, same shapes
+    capsys.readouterr()
+    assert main(["search", "--resume", str(run)]) == 0
+    assert "is finished" in capsys.readouterr().err
+
+    plain = tmp_path / "plain"
+    assert main([*common, "--out", str(plain)]) == 0
+    assert "recovery" not in json.loads((plain / "summary.json").read_text())
+    assert main(["search", "--resume", str(plain), "--recover-tokens", "1024", "--no-progress"]) == 0
+    later = json.loads((plain / "summary.json").read_text())["recovery"]
+    assert later["requested_tokens"] == 1024 and later["steps"] == 1 and not later["reused"]

@@ -88,6 +88,10 @@ def run(args) -> int:
     else:
         if not args.model or not args.out:
             raise SelfpruneError("give --model PRUNED_DIR and --out FOLDER (or --resume RUN_DIR)")
+        if args.max_memory is not None or args.offload_dir is not None:
+            flag = "--max-memory" if args.max_memory is not None else "--offload-dir"
+            raise SelfpruneError(f"{flag} places weights for inference (offloaded weights cannot be trained): "
+                                 "recover with the student on --device, or spread it over GPUs with --device-map")
         check_output(args.out, kind="dir", overwrite=args.overwrite)
         check_model(args.model, {"--seq-len": args.seq_len})
         config = RecoveryConfig(

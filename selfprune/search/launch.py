@@ -134,6 +134,7 @@ def build_config(args) -> dict:
         "fitness": {"kind": args.fitness, "dataset": args.fitness_dataset, "split": "validation",
                     "windows": args.fitness_windows, "seq_len": args.seq_len, "batch_size": args.batch_size},
         "rescore": _rescore_settings(None, args),
+        "recover": _recover_settings(None, args),
         "calibration": {"source": args.calib_dataset, "split": args.calib_split, "num_samples": args.calib_samples,
                         "seq_len": args.calib_seq_len, "seed": args.calib_seed},
         "data_dir": args.data_dir,
@@ -291,8 +292,37 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
         summary["fitness_settings"] = settings_of() if callable(settings_of) else settings_of
     # peak resident memory of this session's processes (MiB; a worker that never started reports 0)
     summary["evaluation"]["peak_rss_mb"] = {"driver": peak_rss_mb(), "workers": pool.worker_peak_rss_mb()}
+    if (config.get("recover") or {}).get("tokens") and save_model:  # the dense model, untouched, is the teacher
+        atomic_write_json(run_dir / SUMMARY, summary)  # the search's result is on disk before training starts
+        summary["recovery"] = recover_best(config, run_dir, model, tokenizer, progress)
     atomic_write_json(run_dir / SUMMARY, summary)
     return summary
+
+
+def _recover_settings(current: dict | None, args) -> dict:
+    """The final recovery of the best model (``--recover-tokens``): tokens 0 is off."""
+    tokens = (current or {}).get("tokens", 0) if getattr(args, "recover_tokens", None) is None else args.recover_tokens
+    if tokens:
+        if getattr(args, "no_save_model", False):
+            raise SelfpruneError("--recover-tokens needs the best model saved: drop --no-save-model")
+        from ..recovery import RecoveryConfig
+
+        step = RecoveryConfig(tokens=tokens)
+        if step.total_steps == 0:
+            raise SelfpruneError(f"--recover-tokens {tokens} is less than one training step "
+                                 f"({step.tokens_per_step} tokens): pass more, or 0 for none")
+    return {"tokens": int(tokens)}
+
+
+def recover_best(config: dict, run_dir: Path, teacher_model, teacher_tokenizer, progress: bool = True) -> dict:
+    """Distil the search's saved best model into ``RUN/model-recovered`` (reused when already done)."""
+    from ..recovery import recover_search_model
+
+    tokens = config["recover"]["tokens"]
+    facts = recover_search_model(run_dir / MODEL_DIR, config["model"], tokens, config["data_dir"],
+                                 teacher_model=teacher_model, teacher_tokenizer=teacher_tokenizer, dtype=config["dtype"],
+                                 device=config["device"], device_map=config.get("device_map"), progress=progress)
+    return {"requested_tokens": tokens, **facts}
 
 
 def _rescore_settings(current: dict | None, args) -> dict:
@@ -318,6 +348,9 @@ def apply_resume_overrides(config: dict, args) -> bool:
                                 ("worker_threads", threads, DEFAULT_WORKER_THREADS)):
         if config.get(key, default) != value:  # a run made before these settings has the defaults
             config[key], changed = value, True
+    recover = _recover_settings(config.get("recover"), args)
+    if recover != (config.get("recover") or {"tokens": 0}):
+        config["recover"], changed = recover, True
     rescore = _rescore_settings(config.get("rescore"), args)
     if rescore != config.get("rescore"):
         config["rescore"], changed = rescore, True

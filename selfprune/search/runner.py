@@ -172,6 +172,10 @@ def run_is_finished(run_dir: str | Path, config: dict, save_model: bool = True) 
         on_disk = {r.get("index") for r in read_jsonl(run_dir / RESCORE)}
         if any(r.get("index") not in on_disk for r in rescore.get("candidates") or []):
             return None  # the re-scores were discarded (other windows): score again
+    if int((config.get("recover") or {}).get("tokens") or 0) and save_model:
+        recovery = summary.get("recovery") or {}
+        if recovery.get("requested_tokens") != config["recover"]["tokens"] or not recovery.get("path"):
+            return None  # the best model's recovery was asked and is not done (or was done for another budget)
     if save_model:
         model = summary.get("model")
         path = Path(model["path"]) if isinstance(model, dict) and model.get("path") else run_dir / MODEL_DIR
