@@ -112,8 +112,11 @@ def render(data: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense_f16 = data["rows"].get("dense", {}).get("f16", {}).get("file_bytes")
-    for name, by_type in data["rows"].items():
-        for outtype, row in by_type.items():
+    order = [n for n in data.get("specs", {}) if n in data["rows"]] + [n for n in data["rows"] if n not in data.get("specs", {})]
+    for name in order:  # the specs' order (dense, then each rate), f16 / q8_0 / q4_k_m within a model
+        by_type = data["rows"][name]
+        for outtype in sorted(by_type, key=lambda t: OUTTYPES.index(t) if t in OUTTYPES else len(OUTTYPES)):
+            row = by_type[outtype]
             size = row.get("file_bytes", 0) / 2**20
             vs = f"{dense_f16 / row['file_bytes']:.2f}x smaller" if dense_f16 else ""
             speed = row.get("speed") or {}
@@ -137,9 +140,51 @@ def render(data: dict) -> str:
                   "unchanged). `-pad1`: the same models written with their odd pruned widths (`--ffn-multiple 1`), where "
                   "llama.cpp's quantizer keeps `ffn_down` in F16. `-mm64`: the same rates pruned to MLP widths that are "
                   "multiples of 64 (`mlp_multiple=64`)."]
+    lines += ["", *findings(data)]
     if data.get("notes"):
         lines += ["", *data["notes"]]
     return "\n".join(lines)
+
+
+def findings(data: dict) -> list[str]:
+    """The issue's targets checked on the rows above, and what odd MLP widths cost (computed, not typed)."""
+    rows, out = data["rows"], ["## Targets and odd widths (computed from the rows above)", ""]
+    dense_f16 = rows.get("dense", {}).get("f16", {}).get("file_bytes")
+    checks = []
+    for name in (n for n in rows if n.startswith(("uniform-0.3", "searched-0.3", "uniform-0.5", "searched-0.5"))
+                 and not n.endswith("pad1")):
+        for outtype, row in rows[name].items():
+            for threads, per in ((row.get("speed") or {}).get("threads") or {}).items():
+                for kind in ("prefill", "decode"):
+                    checks.append((name, outtype, threads, kind, per[kind]["time_ratio"] / per[kind]["ideal_ratio"]))
+    if checks:
+        within = [c for c in checks if c[4] <= 1.10]
+        worst = max(checks, key=lambda c: c[4])
+        out.append(f"- Speed within 10% of the FLOPs ideal at 30% and 50% (time ratio / ideal <= 1.10): {len(within)} of "
+                   f"{len(checks)} measurements (model x outtype x threads x prefill/decode); worst "
+                   f"{worst[4]:.2f}x the ideal ({worst[0]} {worst[1]} {worst[2]} thread(s) {worst[3]}).")
+    if dense_f16:
+        q4 = {n: dense_f16 / r["q4_k_m"]["file_bytes"] for n, r in rows.items()
+              if n != "dense" and "q4_k_m" in r and not n.endswith("pad1")}
+        if q4:
+            ok = [n for n, x in q4.items() if x >= 2.5]
+            out.append(f"- Pruned + q4_k_m at least 2.5x smaller than dense f16: {len(ok)} of {len(q4)} models "
+                       f"({', '.join(f'{n} {x:.2f}x' for n, x in q4.items())}).")
+    for name in (n for n in rows if n.endswith("-pad1")):
+        padded = rows.get(name.removesuffix("-pad1"), {})
+        for outtype, odd in rows[name].items():
+            even = padded.get(outtype)
+            if not even:
+                continue
+            text = (f"- {name.removesuffix('-pad1')} {outtype}: odd widths {odd['file_bytes'] / 2**20:.1f} MiB vs padded "
+                    f"{even['file_bytes'] / 2**20:.1f} MiB")
+            odd_t, even_t = (r.get("speed", {}).get("threads", {}).get("1") for r in (odd, even))
+            if odd_t and even_t:
+                text += (f"; 1-thread prefill / decode time vs dense {odd_t['prefill']['time_ratio']:.3f} / "
+                         f"{odd_t['decode']['time_ratio']:.3f} odd, {even_t['prefill']['time_ratio']:.3f} / "
+                         f"{even_t['decode']['time_ratio']:.3f} padded")
+            out.append(text + ".")
+    return out
 
 
 def save(data: dict) -> None:
@@ -159,7 +204,11 @@ def main() -> None:
                         help="llama.cpp threads for perplexity (1: on a busy machine spinning threads wait on each other)")
     parser.add_argument("--retime", action="store_true", help="keep sizes and perplexities, measure speed again")
     parser.add_argument("--no-speed", action="store_true", help="sizes and perplexity only")
+    parser.add_argument("--render", action="store_true", help="only rewrite gguf.md from gguf.json")
     args = parser.parse_args()
+    if args.render:
+        save(json.loads((RESULTS / "gguf.json").read_text()))
+        return
     start = time.time()
     specs = model_specs()
     names = args.models.split(",") if args.models else list(specs)
