@@ -106,6 +106,7 @@ def test_report_of_an_evolution_run_with_ppl_and_speed(tiny, tmp_path, capsys):
         assert (out / png).read_bytes().startswith(PNG) and (out / png).stat().st_size > 5000
     text = (out / "report.md").read_text()
     assert f"{summary['best_fitness']:.6g}" in text and f"eval #{summary['best_index']}" in text
+    assert "| candidates scored | in this process |" in text  # the runner's pool: where candidates were scored
     rescored = summary["rescore"]
     assert (f"top 3: best {rescored['best_rescored_fitness']:.6g} (cheap winner was eval "
             f"#{rescored['cheapest_winner_index']})") in text

@@ -201,6 +201,10 @@ def summary_section(run: dict, best: dict) -> str:
                  ["seconds per evaluation", f"{summary.get('seconds_per_eval', 0):.3f}"],
                  ["cache hits (same model proposed again)", summary.get("cache_hits")],
                  ["repairs to the constraint", summary.get("repairs")]]
+        if summary.get("evaluation"):  # where candidates were scored, sliced or masked, and the memory it took
+            from ..search.runner import evaluation_cell
+
+            rows.append(["candidates scored", evaluation_cell(summary["evaluation"])])
     rescore = summary.get("rescore")
     if rescore:
         rows.append(["re-scored on more tokens", f"top {rescore['top']}: best {_g(rescore['best_rescored_fitness'])} "

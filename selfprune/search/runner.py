@@ -598,13 +598,15 @@ def _source_cell(summary: dict, source: str) -> str:
     return f"{entry['evaluations']} (best {entry['best_fitness']:.6g})"
 
 
-def _evaluation_cell(evaluation: dict) -> str:
+def evaluation_cell(evaluation: dict) -> str:
     """Where candidates were scored, e.g. ``ray, 8 workers x 1 threads (local); 1 retry, 0 failed``."""
     if evaluation.get("mode") != "ray":
         text = "in this process"
     else:
         text = (f"ray, {evaluation['workers']} workers x {evaluation['worker_threads']} threads "
                 f"({evaluation.get('ray_address') or 'local'})")
+    if evaluation.get("candidates"):
+        text += f", {evaluation['candidates']} candidates"
     retries, failed = evaluation.get("retries", 0), evaluation.get("failed", 0)
     if retries or failed or evaluation.get("mode") == "ray":
         text += f"; {retries} {'retry' if retries == 1 else 'retries'}, {failed} failed"
@@ -636,7 +638,7 @@ def format_summary(summary: dict) -> str:
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ("seconds per eval", f"{summary['seconds_per_eval']:.3f}"),
         ("cache hits", str(summary["cache_hits"])),
-        *([("evaluation", _evaluation_cell(summary["evaluation"]))] if summary.get("evaluation") else []),
+        *([("evaluation", evaluation_cell(summary["evaluation"]))] if summary.get("evaluation") else []),
         ("repairs", f"{summary['repairs']} (max move {summary['repair_max_distance']:.4f})"),
     ]
     if llm.get("calls"):
