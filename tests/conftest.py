@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random-weight models of every supported family, the local data, the real SmolLM2."""
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,29 @@ def run_without_selfprune(body: str, home: Path, timeout: int = 600) -> None:
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(home)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("OK")
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Torch on ``count`` threads for the block: tiny matrices on a shared CPU run ~10x slower when two threads
+    spin against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def c4_jsonl(out: Path, data_dir: Path, min_chars: int) -> Path:
+    """The first documents of the C4 sample, at least ``min_chars`` of text, as a user's .jsonl file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = (data_dir / "c4" / "c4_validation_2k.jsonl").read_text().splitlines()
+    size, chosen = 0, []
+    for line in lines:
+        chosen.append(line)
+        size += len(json.loads(line)["text"])
+        if size > min_chars:
+            break
+    out.write_text("\n".join(chosen) + "\n")
+    return out

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import selfprune
-from conftest import REPO, byte_tokenizer, run_without_selfprune, tiny_model
+from conftest import REPO, byte_tokenizer, c4_jsonl, run_without_selfprune, tiny_model, torch_threads
 from selfprune.calibration import CalibrationConfig
 from selfprune.errors import SelfpruneError
 from selfprune.pruned_format import save_pruned
@@ -29,25 +29,14 @@ FAST = dict(seq_len=32, batch_size=4, heldout_sequences=8, eval_every=10, log_ev
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny matrices on a shared CPU: two threads spin against other processes and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory, data_dir) -> Path:
     """About 24 KB of the C4 sample as a user's .jsonl file (byte tokens: ~740 sequences of 32)."""
-    lines = (data_dir / "c4" / "c4_validation_2k.jsonl").read_text().splitlines()
-    out, size, chosen = tmp_path_factory.mktemp("text") / "train.jsonl", 0, []
-    for line in lines:
-        chosen.append(line)
-        size += len(json.loads(line)["text"])
-        if size > 24_000:
-            break
-    out.write_text("\n".join(chosen) + "\n")
-    return out
+    return c4_jsonl(tmp_path_factory.mktemp("text") / "train.jsonl", data_dir, 24_000)
 
 
 def pruned_pair(family: str, rate: float = 0.4):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import selfprune
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, c4_jsonl, tiny_model, torch_threads
 from selfprune.calibration import CalibrationConfig
 from selfprune.cli import main
 from selfprune.evaluation import recovery_report
@@ -25,24 +25,14 @@ FAST = dict(seq_len=32, batch_size=4, heldout_sequences=8, log_every=2, learning
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory, data_dir) -> Path:
     """About 16 KB of the C4 sample as a user's .jsonl file (byte tokens: ~500 sequences of 32)."""
-    lines = (data_dir / "c4" / "c4_validation_2k.jsonl").read_text().splitlines()
-    out, size, chosen = tmp_path_factory.mktemp("text") / "train.jsonl", 0, []
-    for line in lines:
-        chosen.append(line)
-        size += len(json.loads(line)["text"])
-        if size > 16_000:
-            break
-    out.write_text("\n".join(chosen) + "\n")
-    return out
+    return c4_jsonl(tmp_path_factory.mktemp("text") / "train.jsonl", data_dir, 16_000)
 
 
 class Stop(Exception):

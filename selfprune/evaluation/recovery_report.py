@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import SelfpruneError
 from ..io import atomic_write_text, lock_path_for, read_jsonl
+from .report import _finite, _g, _save_figure, _table
 
 # The trainer's file names (selfprune.recovery.trainer), repeated here so that reporting a search run does not
 # import torch; tests/test_recovery_report.py checks that the two agree.
@@ -99,12 +100,6 @@ def load_recovery(folder) -> dict:
             "state": _run_state(folder)}
 
 
-def _finite(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def curve_points(curve: list[dict], key: str) -> list[tuple[int, float]]:
@@ -120,7 +115,6 @@ def plot_loss_curves(recovery: dict, path: Path):
     from matplotlib.figure import Figure  # Figure + savefig uses Agg and leaves pyplot's global state alone
     from matplotlib.ticker import EngFormatter
 
-    from .report import _save_figure
 
     curve, method = recovery["curve"], recovery["settings"].get("method", "?")
     fig = Figure(figsize=(13, 3.6), layout="constrained")
@@ -168,7 +162,6 @@ def _lora_text(settings: dict) -> str:
 
 
 def settings_section(recovery: dict) -> str:
-    from .report import _g, _table
 
     s, data, sources, summary = recovery["settings"], recovery["data"], recovery["sources"], recovery["summary"]
     method = s.get("method", "?")
@@ -239,7 +232,6 @@ def before_after(recovery: dict) -> tuple[dict, dict, str]:
 
 
 def numbers_section(recovery: dict) -> str:
-    from .report import _g, _table
 
     before, after, label = before_after(recovery)
     rows = []
@@ -256,7 +248,6 @@ def numbers_section(recovery: dict) -> str:
 
 
 def curve_section(curve: list[dict]) -> str:
-    from .report import _g, _table
 
     rows = [[e.get("step"), f"{int(e.get('tokens', 0)):,}", _g(e.get("train_loss")), _g(e.get("heldout_lm_loss")),
              _g(e.get("heldout_kl")), _g(e.get("lr"), 3), _g(e.get("grad_norm"), 4), _g(e.get("seconds"))]
