@@ -168,3 +168,10 @@ def c4_jsonl(out: Path, data_dir: Path, min_chars: int) -> Path:
             break
     out.write_text("\n".join(chosen) + "\n")
     return out
+
+
+def save_tiny_model(folder: Path, family: str = "llama-gqa", vocab_size: int = 257) -> Path:
+    """A tiny random model of ``family`` with the byte tokenizer, saved as a model folder (loadable by path)."""
+    tiny_model(family, vocab_size=vocab_size).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder

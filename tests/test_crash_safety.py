@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, save_tiny_model, tiny_model
 from selfprune.errors import SelfpruneError
 from selfprune.io import read_jsonl
 from selfprune.search import EvolutionOperator, Proposal, RunSettings, SearchProblem, SearchRunner, SearchSpace
@@ -146,10 +146,7 @@ def _stale(parent: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dense") / "tiny-llama"
-    tiny_model("llama-gqa", vocab_size=257).save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("dense") / "tiny-llama")
 
 
 def _widths(folder: Path) -> list[int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import save_tiny_model
 from selfprune.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +34,7 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dense") / "tiny-llama"
-    tiny_model("llama-gqa", vocab_size=257).save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("dense") / "tiny-llama")
 
 
 def _search_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
