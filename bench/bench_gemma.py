@@ -2,8 +2,8 @@
 its weights), WikiText-2 test perplexity (seq-len 128) dense vs uniform FLAP / Wanda-sp / magnitude, both GQA
 policies and the head/MLP split options, next to SmolLM2's bench/results/core.md.
 
-Not run to completion yet: Gemma needs <bos> at the start of every window (4 windows of WikiText-2: ppl 245
-without, 45 with), and selfprune's perplexity / calibration windows carry it only at the very start of the text.
+Gemma needs <bos> at the start of every window (4 windows of WikiText-2: ppl 245 without, 45 with); selfprune's
+perplexity and calibration windows carry it for every tokenizer that has one (`bos_per_window` in the settings).
 
     python bench/bench_gemma.py [--windows 20] [--rates 0.2,0.5] [--criteria flap]   # results/gemma.{json,md}
 """
@@ -30,7 +30,12 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--rates", default="0.2,0.5")
     parser.add_argument("--criteria", default="flap")
+    parser.add_argument("--render", action="store_true", help="only rewrite gemma.md from gemma.json")
     args = parser.parse_args()
+    if args.render:
+        data = json.loads((RESULTS / "gemma.json").read_text())
+        write_results("gemma", data, render(data))
+        return
     start = time.time()
     model, tokenizer = load_model("gemma3-270m")
     evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.windows, 8, DATA_DIR)
@@ -74,7 +79,34 @@ def render(data: dict) -> str:
     for r in sorted(data["rows"], key=lambda r: (r["criterion"], r["rate"], r["structure"], r["gqa_policy"])):
         lines.append(f"| {r['criterion']} | {r['rate']:.0%} | {r['structure']} | {r['gqa_policy']} | "
                      f"{r['achieved']:.2%} | {r['query_heads']} | {r['ppl']:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + next_to_smollm2(data))
+
+
+def next_to_smollm2(data: dict) -> list[str]:
+    """Gemma's rows beside SmolLM2's with the same criterion and calibration (core.json's head-scoring rows:
+    `flap`, group policy, C4 128 x 128, WikiText-2 test 80 x 128), as perplexity over each model's dense."""
+    core = json.loads((RESULTS / "core.json").read_text()).get("head_scoring")
+    if not core:
+        return []
+    smol = {(r["structure"], r["rate"]): r["ppl"] for r in core["rows"] if r["criterion"] == "flap"}
+    gemma = {(r["structure"], r["gqa_policy"], r["rate"]): r["ppl"] for r in data["rows"] if r["criterion"] == "flap"}
+    lines = ["", "## Next to SmolLM2-135M", "",
+             f"Same criterion (`flap`), calibration (C4 {core['settings']['calibration']['num_samples']} x "
+             f"{core['settings']['calibration']['seq_len']}) and test windows; SmolLM2's rows from `core.json` "
+             f"(GQA policy {core['settings']['gqa_policy']}, 9 query / 3 KV heads; dense {core['dense_ppl']:.2f}). "
+             "Perplexity, and in brackets its ratio to the model's dense perplexity.", "",
+             "| rate | structure | SmolLM2 (group) | Gemma 3 270M (group: MLP only) | Gemma 3 270M (query) |",
+             "|---|---|---|---|---|"]
+
+    def cell(ppl, dense):
+        return f"{ppl:.2f} ({ppl / dense:.2f}x)" if ppl is not None else "n/a"
+
+    for rate in sorted({k[2] for k in gemma}):
+        for structure in ("mlp_first", "proportional", "standardized"):
+            lines.append(f"| {rate:.0%} | {structure} | {cell(smol.get((structure, rate)), core['dense_ppl'])} | "
+                         f"{cell(gemma.get((structure, 'group', rate)), data['dense_ppl'])} | "
+                         f"{cell(gemma.get((structure, 'query', rate)), data['dense_ppl'])} |")
+    return lines
 
 
 if __name__ == "__main__":

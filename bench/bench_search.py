@@ -53,10 +53,10 @@ def run_name(operator: str, target: float, budget: int, seed: int, gqa: str) -> 
 
 
 def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None,
-               llm_retries: int = 2, gqa: str = "group") -> Path:
+               llm_retries: int = 2, gqa: str = "group", criterion: str = "flap_unsquared") -> Path:
     out = RUNS / run_name(operator, target, budget, seed, gqa)
     argv = ["search", "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
-            "--gqa-policy", gqa,
+            "--gqa-policy", gqa, "--criterion", criterion,
             "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
     if operator not in ("uniform", "owl"):
         argv += ["--budget", str(budget)]
@@ -89,7 +89,11 @@ def main() -> None:
     parser.add_argument("--operators", default="uniform,owl,random,evolution,llm")
     parser.add_argument("--fitness-windows", type=int, default=8)
     parser.add_argument("--test-windows", type=int, default=80)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0",
+                        help="comma list of search seeds (the calibration stays fixed); runs go seed by seed per rate")
+    parser.add_argument("--criterion", default="flap_unsquared",
+                        help="the committed runs' criterion (made before `flap` squared the o_proj metric); keep it "
+                             "for rows that join them")
     parser.add_argument("--name", default="search", help="results file name in bench/results (parallel runs use their own)")
     parser.add_argument("--llm-server", action="store_true",
                         help="serve the model's own GGUF with llama.cpp for the LLM operator instead of transformers")
@@ -122,7 +126,8 @@ def main() -> None:
         atexit.register(stop_server, process)
         os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
     _, tokenizer = load_model("default")
-    test = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR).settings
+    test_evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
+    test = test_evaluator.settings
     results_file = RESULTS / f"{args.name}.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
     if args.merge:
@@ -141,41 +146,43 @@ def main() -> None:
                     known.add(row["run_dir"])
         save(rows, args, test)
         return
-    done = {(r["operator"].split(" ")[0], r["target"], r["budget"], gqa_of(r)) for r in rows}
-    for target in [float(x) for x in args.rates.split(",")]:
-        for operator in args.operators.split(","):
-            budget = 1 if operator in ("uniform", "owl") else args.budget
-            if (operator, target, budget, args.gqa_policy) in done:
-                continue
-            start = time.time()
-            run = run_search(operator, target, budget, args.fitness_windows, args.seed, server, args.llm_retries,
-                             args.gqa_policy)
-            summary = json.loads((run / "summary.json").read_text())
-            journal = [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
-            model, _ = load_model(str(run / "model"))
-            test_ppl = test(model)["ppl"]
-            forward = [r.get("forward_seconds") for r in journal if r.get("forward_seconds")]
-            eval_s = [r["seconds"] for r in journal]
-            config = json.loads((run / "config.json").read_text())
-            label = operator
-            if operator == "llm-random":
-                label = f"llm-random (prompts {config['llm']['prompt_version']}, {config['llm']['retries']} retries)"
-            if operator == "llm":
-                label = (f"llm (self{', llama.cpp' if server else ''}, prompts {config['llm']['prompt_version']}, "
-                         f"{config['llm']['retries']} retries)")
-            rows.append({
-                "operator": label, "target": target, "budget": budget, "gqa_policy": config["gqa_policy"],
-                "best_operator": summary["best_operator"],
-                "best_valid_at_30": best_at(run, 30) if summary["evaluations"] >= 30 else None,
-                "evaluations": summary["evaluations"], "best_fitness_valid_ppl": summary["best_fitness"],
-                "test_ppl": test_ppl, "search_wall_seconds": summary["wall_seconds"],
-                "seconds_per_eval": summary["seconds_per_eval"],
-                "eval_over_forward": (sum(eval_s) / sum(forward)) if forward else None,
-                "llm": summary.get("llm"), "sources": summary.get("sources"), "repairs": summary.get("repairs"), "cache_hits": summary.get("cache_hits"),
-                "best_rates": summary["best_rates"], "run_dir": str(run.relative_to(RUNS.parent)),
-                "bench_seconds": round(time.time() - start),
-            })
-            save(rows, args, test)
+    done = {(r["operator"].split(" ")[0], r["target"], r["budget"], gqa_of(r), r.get("seed", 0)) for r in rows}
+    plan = [(target, seed, operator) for target in [float(x) for x in args.rates.split(",")]
+            for seed in [int(x) for x in args.seeds.split(",")] for operator in args.operators.split(",")]
+    for target, seed, operator in plan:
+        budget = 1 if operator in ("uniform", "owl") else args.budget
+        if (operator, target, budget, args.gqa_policy, seed) in done or (budget == 1 and seed != 0):
+            continue  # uniform and OWL do not depend on the search seed
+        start = time.time()
+        run = run_search(operator, target, budget, args.fitness_windows, seed, server, args.llm_retries,
+                         args.gqa_policy, args.criterion)
+        summary = json.loads((run / "summary.json").read_text())
+        journal = [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
+        model, _ = load_model(str(run / "model"))
+        test_ppl = test_evaluator(model)["ppl"]
+        forward = [r.get("forward_seconds") for r in journal if r.get("forward_seconds")]
+        eval_s = [r["seconds"] for r in journal]
+        config = json.loads((run / "config.json").read_text())
+        label = operator
+        if operator == "llm-random":
+            label = f"llm-random (prompts {config['llm']['prompt_version']}, {config['llm']['retries']} retries)"
+        if operator == "llm":
+            label = (f"llm (self{', llama.cpp' if server else ''}, prompts {config['llm']['prompt_version']}, "
+                     f"{config['llm']['retries']} retries)")
+        rows.append({
+            "operator": label, "target": target, "budget": budget, "gqa_policy": config["gqa_policy"], "seed": seed,
+            "criterion": config["criterion"],
+            "best_operator": summary["best_operator"],
+            "best_valid_at_30": best_at(run, 30) if summary["evaluations"] >= 30 else None,
+            "evaluations": summary["evaluations"], "best_fitness_valid_ppl": summary["best_fitness"],
+            "test_ppl": test_ppl, "search_wall_seconds": summary["wall_seconds"],
+            "seconds_per_eval": summary["seconds_per_eval"],
+            "eval_over_forward": (sum(eval_s) / sum(forward)) if forward else None,
+            "llm": summary.get("llm"), "sources": summary.get("sources"), "repairs": summary.get("repairs"), "cache_hits": summary.get("cache_hits"),
+            "best_rates": summary["best_rates"], "run_dir": str(run.relative_to(RUNS.parent)),
+            "bench_seconds": round(time.time() - start),
+        })
+        save(rows, args, test)
     save(rows, args, test)  # also regenerates the table when every run was already done
 
 
@@ -215,8 +222,10 @@ def regenerate(name: str) -> None:
 def source_cell(row: dict) -> str:
     """'41 (53.2) / 59 (51.9)': evaluations from replies and from the fallback, best validation ppl of each."""
     sources = row.get("sources")
+    if not row["operator"].startswith("llm"):
+        return ""
     if not sources:
-        return "n/a" if row["operator"].startswith("llm") else ""
+        return "n/a"
     cells = []
     for key in ("reply", "fallback"):
         entry = sources.get(key) or {}
@@ -231,7 +240,7 @@ def save(rows: list, args, test: dict, versions_of_runs: dict | None = None) -> 
              f"Fitness: WikiText-2 validation perplexity, {args.fitness_windows} windows x 128 tokens per candidate. "
              f"Reported: WikiText-2 test perplexity of the saved best model, first {test['windows']} windows "
              f"({test['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first split; GQA "
-             "policy per row), calibration C4 64 x 128, seed 0. eval/fwd = seconds per evaluation (build + score) over "
+             "policy per row), calibration C4 64 x 128 with calibration seed 0; 'seed' is the search's own seed. eval/fwd = seconds per evaluation (build + score) over "
              "the pruned forward pass alone. 'best valid @30 evals' compares operators on an equal budget of 30. "
              "'best from': the operator that proposed the best candidate (':fallback': the numeric operator filled a slot "
              "whose LLM reply was unusable). LLM rows: SmolLM2's own weights (the GGUF the default model is converted "
@@ -241,21 +250,65 @@ def save(rows: list, args, test: dict, versions_of_runs: dict | None = None) -> 
              "A 430-evaluation row continues the 100-evaluation run of the same operator and rate. 'evals from "
              "replies / fallback': evaluated candidates from the LLM's own replies (llm-random: the ablation's random "
              "replies to the same prompts) and from the numeric fallback, with the best validation ppl of each.", "",
-             "| target | operator | GQA | budget | evals | best valid ppl | best valid @30 evals | test ppl | best from | search s | s/eval | eval/fwd | LLM v/r/u/dup/fb | evals from replies / fallback |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["target"], gqa_of(r), r["operator"], r["budget"])):
+             "| target | operator | GQA | budget | seed | evals | best valid ppl | best valid @30 evals | test ppl | best from | search s | s/eval | eval/fwd | LLM v/r/u/dup/fb | evals from replies / fallback |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["target"], gqa_of(r), r["operator"], r["budget"], r.get("seed", 0))):
         llm = r.get("llm") or {}
         counts = ("/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "duplicates", "fallbacks"))
                   if r["operator"].startswith("llm") else "")
         ratio = f"{r['eval_over_forward']:.3f}" if r.get("eval_over_forward") else "n/a"
         gqa = gqa_of(r)
         at30 = f"{r['best_valid_at_30']:.2f}" if r.get("best_valid_at_30") else "n/a"
-        lines.append(f"| {r['target']:.0%} | {r['operator']} | {gqa} | {r['budget']} | {r['evaluations']} | "
+        lines.append(f"| {r['target']:.0%} | {r['operator']} | {gqa} | {r['budget']} | {r.get('seed', 0)} | {r['evaluations']} | "
                      f"{r['best_fitness_valid_ppl']:.2f} | {at30} | {r['test_ppl']:.2f} | {r.get('best_operator', 'n/a')} | "
                      f"{r['search_wall_seconds']:.0f} | "
                      f"{r['seconds_per_eval']:.2f} | {ratio} | {counts} | {source_cell(r)} |")
+    lines += seed_summary(rows)
     write_results(args.name, {"rows": rows, "settings": {"fitness_windows": args.fitness_windows, "test": test,
                                                          "versions": versions_of_runs or versions()}}, "\n".join(lines))
+
+
+def seed_summary(rows: list) -> list[str]:
+    """Mean and spread of test perplexity over search seeds, per rate, GQA policy, operator and budget.
+
+    With three seeds a confidence interval says little, so the table gives the range, and an operator counts as
+    ahead of another only where the ranges do not overlap; every other difference is called within the noise."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["target"], gqa_of(r), r["budget"], r["operator"]), []).append(r)
+    lines = ["", "## Over search seeds", "",
+             "Test perplexity of each run's best model over the search seeds run so far (calibration fixed). "
+             "'vs best': where this operator's range of test perplexity overlaps the range of the operator with "
+             "the lowest mean at that rate and budget ('within the noise'), or lies above it ('behind'). 'all seeds "
+             "below uniform and OWL': every seed's test perplexity is lower than both (they do not depend on the "
+             "search seed).", "",
+             "| target | GQA | budget | operator | seeds | test ppl mean +- std | test ppl range | best valid mean "
+             "| vs best | all seeds below uniform and OWL |", "|---|---|---|---|---|---|---|---|---|---|"]
+    stats = {}
+    for key, members in groups.items():
+        tests = [m["test_ppl"] for m in members]
+        mean = sum(tests) / len(tests)
+        std = (sum((t - mean) ** 2 for t in tests) / (len(tests) - 1)) ** 0.5 if len(tests) > 1 else None
+        valid = sum(m["best_fitness_valid_ppl"] for m in members) / len(members)
+        stats[key] = {"seeds": sorted(m.get("seed", 0) for m in members), "mean": mean, "std": std,
+                      "low": min(tests), "high": max(tests), "valid": valid}
+    for key in sorted(stats, key=lambda k: (k[0], k[1], k[2], stats[k]["mean"])):
+        s = stats[key]
+        best = min((stats[k] for k in stats if k[:3] == key[:3]), key=lambda x: x["mean"])
+        fixed = [stats[k]["mean"] for k in stats if k[:2] == key[:2] and k[3] in ("uniform", "owl")]
+        if key[2] == 1:
+            verdict = "no search seed"
+        elif best is s:
+            verdict = "lowest mean" + ("" if len(s["seeds"]) > 1 else " (one seed)")
+        elif len(s["seeds"]) < 2 or len(best["seeds"]) < 2:
+            verdict = "one seed: not known"
+        else:
+            verdict = "within the noise" if s["low"] <= best["high"] else "behind"
+        spread = f"{s['mean']:.2f} +- {s['std']:.2f}" if s["std"] is not None else f"{s['mean']:.2f}"
+        lines.append(f"| {key[0]:.0%} | {key[1]} | {key[2]} | {key[3]} | {','.join(map(str, s['seeds']))} | "
+                     f"{spread} | {s['low']:.2f}-{s['high']:.2f} | {s['valid']:.2f} | {verdict} | "
+                     f"{'' if key[2] == 1 or len(fixed) < 2 else ('yes' if s['high'] < min(fixed) else 'no')} |")
+    return lines
 
 
 if __name__ == "__main__":
