@@ -245,8 +245,8 @@ def save(rows: list, args, test: dict, versions_of_runs: dict | None = None) -> 
     lines = ["# Search benchmark: SmolLM2-135M, per-layer allocations on the same budget", "",
              f"Fitness: WikiText-2 validation perplexity, {args.fitness_windows} windows x 128 tokens per candidate. "
              f"Reported: WikiText-2 test perplexity of the saved best model, first {test['windows']} windows "
-             f"({test['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP (mlp_first split; GQA "
-             "policy per row), calibration C4 64 x 128 with calibration seed 0; 'seed' is the search's own seed. eval/fwd = seconds per evaluation (build + score) over "
+             f"({test['predicted_tokens']:,} predicted tokens), seq-len 128. Criterion FLAP as the first runs had it "
+             "(`flap_unsquared`, kept for every seed; mlp_first split; GQA policy per row), calibration C4 64 x 128 with calibration seed 0; 'seed' is the search's own seed. eval/fwd = seconds per evaluation (build + score) over "
              "the pruned forward pass alone. 'best valid @30 evals' compares operators on an equal budget of 30. "
              "'best from': the operator that proposed the best candidate (':fallback': the numeric operator filled a slot "
              "whose LLM reply was unusable). LLM rows: SmolLM2's own weights (the GGUF the default model is converted "
