@@ -5,7 +5,8 @@ policies and the head/MLP split options, next to SmolLM2's bench/results/core.md
 Gemma needs <bos> at the start of every window (4 windows of WikiText-2: ppl 245 without, 45 with); selfprune's
 perplexity and calibration windows carry it for every tokenizer that has one (`bos_per_window` in the settings).
 
-    python bench/bench_gemma.py [--windows 20] [--rates 0.2,0.5] [--criteria flap]   # results/gemma.{json,md}
+    python bench/bench_gemma.py --windows 80 [--rates 0.2,0.5] [--criteria flap]   # results/gemma.{json,md}
+    python bench/bench_gemma.py --windows 80 --allocations uniform,owl   # per-layer allocations via selfprune search
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import time
 
 from common import DATA_DIR, RESULTS, versions, write_results
+from bench_search import RUNS
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.models import load_model
@@ -31,7 +33,14 @@ def main() -> None:
     parser.add_argument("--rates", default="0.2,0.5")
     parser.add_argument("--criteria", default="flap")
     parser.add_argument("--render", action="store_true", help="only rewrite gemma.md from gemma.json")
+    parser.add_argument("--allocations", default=None,
+                        help="comma list of search operators (uniform, owl, random, ...) to run through `selfprune "
+                             "search` on Gemma instead of the uniform rows")
+    parser.add_argument("--budget", type=int, default=100, help="evaluations for the searching operators")
     args = parser.parse_args()
+    if args.allocations:
+        allocations(args)
+        return
     if args.render:
         data = json.loads((RESULTS / "gemma.json").read_text())
         write_results("gemma", data, render(data))
@@ -68,6 +77,39 @@ def main() -> None:
                 write_results("gemma", data, render(data))
 
 
+def allocations(args) -> None:
+    """Per-layer allocations on Gemma through `selfprune search`, with the SmolLM2 search runs' settings (FLAP, the
+    default GQA policy, C4 64 x 128, 6 WikiText-2 validation windows), then scored on the test windows."""
+    from selfprune.cli import main as cli
+
+    data = json.loads((RESULTS / "gemma.json").read_text())
+    rows = data.setdefault("allocations", [])
+    _, tokenizer = load_model("gemma3-270m")
+    evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.windows, 8, DATA_DIR)
+    for rate in (float(r) for r in args.rates.split(",")):
+        for operator in args.allocations.split(","):
+            if any(r["operator"] == operator and r["target"] == rate for r in rows):
+                continue
+            budget = 1 if operator in ("uniform", "owl") else args.budget
+            out = RUNS / f"gemma-{operator}-t{rate:g}-b{budget}"
+            if not (out / "summary.json").is_file():
+                argv = ["search", "--model", "gemma3-270m", "--target", str(rate), "--operator", operator,
+                        "--fitness-windows", "6", "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", "0",
+                        "--no-progress", "--device", "cpu"] + (["--budget", str(budget)] if budget > 1 else [])
+                argv += ["--resume", str(out)] if (out / "config.json").is_file() else ["--out", str(out)]
+                if cli(argv) != 0:
+                    raise SystemExit(f"search {operator} at {rate} on Gemma failed")
+            summary = json.loads((out / "summary.json").read_text())
+            config = json.loads((out / "config.json").read_text())
+            model, _ = load_model(str(out / "model"))
+            rows.append({"operator": operator, "target": rate, "budget": budget, "evaluations": summary["evaluations"],
+                         "criterion": config["criterion"], "gqa_policy": config["gqa_policy"],
+                         "best_fitness_valid_ppl": summary["best_fitness"], "test_ppl": evaluator(model)["ppl"],
+                         "search_wall_seconds": summary["wall_seconds"], "best_rates": summary["best_rates"]})
+            data["versions"] = versions()
+            write_results("gemma", data, render(data))
+
+
 def render(data: dict) -> str:
     lines = [f"# Gemma 3 270M: uniform pruning (WikiText-2 test, seq-len 128, "
              f"{data['settings']['ppl'].get('windows', '?')} windows)", "",
@@ -79,6 +121,15 @@ def render(data: dict) -> str:
     for r in sorted(data["rows"], key=lambda r: (r["criterion"], r["rate"], r["structure"], r["gqa_policy"])):
         lines.append(f"| {r['criterion']} | {r['rate']:.0%} | {r['structure']} | {r['gqa_policy']} | "
                      f"{r['achieved']:.2%} | {r['query_heads']} | {r['ppl']:.2f} |")
+    if data.get("allocations"):
+        lines += ["", "## Per-layer allocations (`selfprune search`)", "",
+                  "FLAP, C4 64 x 128 calibration, fitness WikiText-2 validation 6 x 128, search seed 0 (the SmolLM2 "
+                  "search runs' settings); test perplexity on the windows above. One run each.", "",
+                  "| target | operator | GQA policy | evaluations | best valid ppl | test ppl | search s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(data["allocations"], key=lambda r: (r["target"], r["test_ppl"])):
+            lines.append(f"| {r['target']:.0%} | {r['operator']} | {r['gqa_policy']} | {r['evaluations']} | "
+                         f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} |")
     return "\n".join(lines + next_to_smollm2(data))
 
 
