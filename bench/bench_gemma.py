@@ -15,7 +15,7 @@ import json
 import time
 
 from common import DATA_DIR, RESULTS, versions, write_results
-from bench_search import RUNS
+from bench_search import run_search
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.models import load_model
@@ -79,9 +79,7 @@ def main() -> None:
 
 def allocations(args) -> None:
     """Per-layer allocations on Gemma through `selfprune search`, with the SmolLM2 search runs' settings (FLAP, the
-    default GQA policy, C4 64 x 128, 6 WikiText-2 validation windows), then scored on the test windows."""
-    from selfprune.cli import main as cli
-
+    group GQA policy, C4 64 x 128, 6 WikiText-2 validation windows, seed 0), then scored on the test windows."""
     data = json.loads((RESULTS / "gemma.json").read_text())
     rows = data.setdefault("allocations", [])
     _, tokenizer = load_model("gemma3-270m")
@@ -91,14 +89,7 @@ def allocations(args) -> None:
             if any(r["operator"] == operator and r["target"] == rate for r in rows):
                 continue
             budget = 1 if operator in ("uniform", "owl") else args.budget
-            out = RUNS / f"gemma-{operator}-t{rate:g}-b{budget}"
-            if not (out / "summary.json").is_file():
-                argv = ["search", "--model", "gemma3-270m", "--target", str(rate), "--operator", operator,
-                        "--fitness-windows", "6", "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", "0",
-                        "--no-progress", "--device", "cpu"] + (["--budget", str(budget)] if budget > 1 else [])
-                argv += ["--resume", str(out)] if (out / "config.json").is_file() else ["--out", str(out)]
-                if cli(argv) != 0:
-                    raise SystemExit(f"search {operator} at {rate} on Gemma failed")
+            out = run_search(operator, rate, budget, 6, 0, criterion="flap", model="gemma3-270m")
             summary = json.loads((out / "summary.json").read_text())
             config = json.loads((out / "config.json").read_text())
             model, _ = load_model(str(out / "model"))

@@ -54,14 +54,16 @@ from selfprune.search.runner import fold_llm_counts
 RUNS = Path(__file__).resolve().parent / "runs"
 
 
-def run_name(operator: str, target: float, budget: int, seed: int, gqa: str) -> str:
-    return f"{operator}-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}")
+def run_name(operator: str, target: float, budget: int, seed: int, gqa: str, model: str = "default") -> str:
+    return (("" if model == "default" else f"{model}-") + f"{operator}-t{target:g}-b{budget}-s{seed}"
+            + ("" if gqa == "group" else f"-{gqa}"))
 
 
 def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None,
-               llm_retries: int = 2, gqa: str = "group", criterion: str = "flap_unsquared") -> Path:
-    out = RUNS / run_name(operator, target, budget, seed, gqa)
-    argv = ["search", "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
+               llm_retries: int = 2, gqa: str = "group", criterion: str = "flap_unsquared",
+               model: str = "default") -> Path:
+    out = RUNS / run_name(operator, target, budget, seed, gqa, model)
+    argv = ["search", "--model", model, "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
             "--gqa-policy", gqa, "--criterion", criterion,
             "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
     if operator not in ("uniform", "owl"):
@@ -75,7 +77,7 @@ def run_search(operator: str, target: float, budget: int, windows: int, seed: in
                  "SELFPRUNE_BENCH_KEY", "--llm-max-tokens", "600"]
     if (out / "summary.json").is_file():
         return out
-    runs = {b: RUNS / run_name(operator, target, b, seed, gqa) for b in range(1, budget)}
+    runs = {b: RUNS / run_name(operator, target, b, seed, gqa, model) for b in range(1, budget)}
     shorter = [path for b, path in sorted(runs.items()) if (path / "summary.json").is_file()]
     if not out.exists() and shorter:
         # A larger budget continues the largest finished smaller one: its first evaluations are that run's.

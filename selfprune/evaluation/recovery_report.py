@@ -100,8 +100,6 @@ def load_recovery(folder) -> dict:
             "state": _run_state(folder)}
 
 
-
-
 def curve_points(curve: list[dict], key: str) -> list[tuple[int, float]]:
     """(tokens seen, value) of every logged entry that has a finite ``key``: what loss.png draws."""
     return [(int(e["tokens"]), _finite(e[key])) for e in curve if _finite(e.get(key)) is not None]
@@ -114,7 +112,6 @@ def plot_loss_curves(recovery: dict, path: Path):
     Returns the figure, whose lines carry the logged values."""
     from matplotlib.figure import Figure  # Figure + savefig uses Agg and leaves pyplot's global state alone
     from matplotlib.ticker import EngFormatter
-
 
     curve, method = recovery["curve"], recovery["settings"].get("method", "?")
     fig = Figure(figsize=(13, 3.6), layout="constrained")
@@ -162,7 +159,6 @@ def _lora_text(settings: dict) -> str:
 
 
 def settings_section(recovery: dict) -> str:
-
     s, data, sources, summary = recovery["settings"], recovery["data"], recovery["sources"], recovery["summary"]
     method = s.get("method", "?")
     method_text = METHOD_TEXT.get(method, method)
@@ -232,7 +228,6 @@ def before_after(recovery: dict) -> tuple[dict, dict, str]:
 
 
 def numbers_section(recovery: dict) -> str:
-
     before, after, label = before_after(recovery)
     rows = []
     for key, name in (("heldout_lm_loss", "held-out next-token loss (nats/token)"),
@@ -248,7 +243,6 @@ def numbers_section(recovery: dict) -> str:
 
 
 def curve_section(curve: list[dict]) -> str:
-
     rows = [[e.get("step"), f"{int(e.get('tokens', 0)):,}", _g(e.get("train_loss")), _g(e.get("heldout_lm_loss")),
              _g(e.get("heldout_kl")), _g(e.get("lr"), 3), _g(e.get("grad_norm"), 4), _g(e.get("seconds"))]
             for e in curve]
