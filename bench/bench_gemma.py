@@ -7,20 +7,22 @@ perplexity and calibration windows carry it for every tokenizer that has one (`b
 
     python bench/bench_gemma.py --windows 80 [--rates 0.2,0.5] [--criteria flap]   # results/gemma.{json,md}
     python bench/bench_gemma.py --windows 80 --allocations uniform,owl   # per-layer allocations via selfprune search
+    python bench/bench_gemma.py --windows 80 --allocations random,evolution,llm:smollm2   # searches, 100 evaluations
+    python bench/bench_gemma.py --windows 80 --allocations llm:gemma3-270m   # (beside it) Gemma as its own operator
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from common import DATA_DIR, RESULTS, versions, write_results
-from bench_search import run_search
+from bench_search import run_search, serve_gguf
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.models import load_model
 from selfprune.perplexity import PerplexityEvaluator
 from selfprune.pruning import Pruner
+from selfprune.search.runner import fold_llm_counts
 
 STRUCTURE_POLICIES = [("proportional", "group"), ("proportional", "query"), ("mlp_first", "group"),
                       ("standardized", "query")]
@@ -45,60 +47,83 @@ def main() -> None:
         data = json.loads((RESULTS / "gemma.json").read_text())
         write_results("gemma", data, render(data))
         return
-    start = time.time()
     model, tokenizer = load_model("gemma3-270m")
     evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.windows, 8, DATA_DIR)
     calibration = CalibrationConfig(source="c4", num_samples=args.calib_samples, seq_len=128, seed=0, data_dir=DATA_DIR)
+    header = {"model": "gemma3-270m (Gemma 3 270M, Q4_K_M GGUF dequantized)", "versions": versions(),
+              "settings": {"ppl": evaluator.settings, "calibration": calibration.to_dict()},
+              "parameters": sum(p.numel() for p in model.parameters()), "dense_ppl": evaluator(model)["ppl"]}
+    print(f"dense {header['dense_ppl']:.2f}", flush=True)
     path = RESULTS / "gemma.json"
-    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    data |= {"model": "gemma3-270m (Gemma 3 270M, Q4_K_M GGUF dequantized)", "versions": versions(),
-             "settings": {"ppl": evaluator.settings, "calibration": calibration.to_dict()},
-             "parameters": sum(p.numel() for p in model.parameters())}
-    data["dense_ppl"] = evaluator(model)["ppl"]
-    print(f"dense {data['dense_ppl']:.2f}", flush=True)
-    done = {(r["criterion"], r["rate"], r["structure"], r["gqa_policy"]) for r in data["rows"]}
+    done = {(r["criterion"], r["rate"], r["structure"], r["gqa_policy"])
+            for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
     calibrated = None
     for criterion in args.criteria.split(","):
         for structure, policy in STRUCTURE_POLICIES:
+            rates = [float(r) for r in args.rates.split(",") if (criterion, float(r), structure, policy) not in done]
+            if not rates:
+                continue
             pruner = Pruner(model, tokenizer, criterion, calibrated or calibration, policy, structure=structure,
                             progress=False)
             calibrated = calibrated or pruner.calibration
-            for rate in (float(r) for r in args.rates.split(",")):
-                if (criterion, rate, structure, policy) in done:
-                    continue
+            for rate in rates:
                 pruned, report = pruner.build([rate] * pruner.num_layers)
                 row = {"criterion": criterion, "rate": rate, "structure": structure, "gqa_policy": policy,
                        "achieved": report.achieved_rate, "params": report.pruned_total_params,
                        "query_heads": sum(l.num_heads for l in report.layers),
                        "ppl": evaluator(pruned)["ppl"]}
-                data["rows"].append(row)
                 print(row, flush=True)
-                data["seconds"] = time.time() - start
-                write_results("gemma", data, render(data))
+                update_results(lambda data: data.update(header) or data["rows"].append(row))
+
+
+def update_results(change) -> None:
+    """Read gemma.json, apply `change` to it, write it and its table back: parallel runs (say one per LLM
+    operator beside the uniform rows) each add their rows without dropping the others'."""
+    path = RESULTS / "gemma.json"
+    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    change(data)
+    write_results("gemma", data, render(data))
+
+
+LLM_GGUFS = {"smollm2": "packaged_default_gguf", "gemma3-270m": "packaged_gemma3_270m_gguf"}
 
 
 def allocations(args) -> None:
     """Per-layer allocations on Gemma through `selfprune search`, with the SmolLM2 search runs' settings (FLAP, the
-    group GQA policy, C4 64 x 128, 6 WikiText-2 validation windows, seed 0), then scored on the test windows."""
+    group GQA policy, C4 64 x 128, 6 WikiText-2 validation windows, seed 0), then scored on the test windows.
+    `llm:NAME` runs the LLM operator with NAME's packaged GGUF (smollm2 or gemma3-270m) served by llama.cpp
+    (1 thread, no retries: the schema makes the replies usable, an unusable one goes to the numeric fallback)."""
+    import selfprune.models.loading as loading
+
     data = json.loads((RESULTS / "gemma.json").read_text())
     rows = data.setdefault("allocations", [])
     _, tokenizer = load_model("gemma3-270m")
     evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.windows, 8, DATA_DIR)
+    servers = {}  # llm name -> its llama.cpp server, started on first use, stopped at exit
     for rate in (float(r) for r in args.rates.split(",")):
-        for operator in args.allocations.split(","):
-            if any(r["operator"] == operator and r["target"] == rate for r in rows):
+        for spec in args.allocations.split(","):
+            operator, _, llm_name = spec.partition(":")
+            if any(r["operator"] == operator and r["target"] == rate and r.get("llm_model") == (llm_name or None)
+                   for r in rows):
                 continue
+            if llm_name and llm_name not in servers:
+                servers[llm_name] = serve_gguf(getattr(loading, LLM_GGUFS[llm_name])(), 1)[1]
             budget = 1 if operator in ("uniform", "owl") else args.budget
-            out = run_search(operator, rate, budget, 6, 0, criterion="flap", model="gemma3-270m")
+            out = run_search(operator, rate, budget, 6, 0, server=servers.get(llm_name), llm_retries=0,
+                             criterion="flap", model="gemma3-270m", llm_name=llm_name or None)
             summary = json.loads((out / "summary.json").read_text())
             config = json.loads((out / "config.json").read_text())
             model, _ = load_model(str(out / "model"))
-            rows.append({"operator": operator, "target": rate, "budget": budget, "evaluations": summary["evaluations"],
-                         "criterion": config["criterion"], "gqa_policy": config["gqa_policy"],
-                         "best_fitness_valid_ppl": summary["best_fitness"], "test_ppl": evaluator(model)["ppl"],
-                         "search_wall_seconds": summary["wall_seconds"], "best_rates": summary["best_rates"]})
-            data["versions"] = versions()
-            write_results("gemma", data, render(data))
+            row = {"operator": operator, "target": rate, "budget": budget, "evaluations": summary["evaluations"],
+                   "criterion": config["criterion"], "gqa_policy": config["gqa_policy"],
+                   "best_fitness_valid_ppl": summary["best_fitness"], "test_ppl": evaluator(model)["ppl"],
+                   "search_wall_seconds": summary["wall_seconds"], "best_rates": summary["best_rates"]}
+            if operator in ("llm", "llm-random"):
+                row |= {"llm_model": llm_name or None, "prompt_version": config["llm"]["prompt_version"],
+                        "retries": config["llm"]["retries"], "best_operator": summary["best_operator"],
+                        "llm": fold_llm_counts(summary.get("llm") or {}), "sources": summary.get("sources")}
+            update_results(lambda data: data.setdefault("allocations", []).append(row) or data.update(versions=versions()))
+            rows = json.loads((RESULTS / "gemma.json").read_text())["allocations"]
 
 
 def render(data: dict) -> str:
@@ -116,11 +141,25 @@ def render(data: dict) -> str:
         lines += ["", "## Per-layer allocations (`selfprune search`)", "",
                   "FLAP, C4 64 x 128 calibration, fitness WikiText-2 validation 6 x 128, search seed 0 (the SmolLM2 "
                   "search runs' settings); test perplexity on the windows above. One run each.", "",
-                  "| target | operator | GQA policy | evaluations | best valid ppl | test ppl | search s |",
-                  "|---|---|---|---|---|---|---|"]
+                  "LLM rows: the operator model's packaged GGUF served by llama.cpp on loopback (1 thread, temperature "
+                  "0.7, JSON schema enforced by grammar, no retries); LLM counts valid / repaired / unusable / "
+                  "duplicates / fallbacks; 'best from' names the operator that proposed the best candidate.", "",
+                  "| target | operator | GQA policy | evaluations | best valid ppl | test ppl | vs uniform / OWL "
+                  "| best from | LLM v/r/u/dup/fb | search s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        fixed = {(r["target"], r["operator"]): r["test_ppl"] for r in data["allocations"]
+                 if r["operator"] in ("uniform", "owl")}
         for r in sorted(data["allocations"], key=lambda r: (r["target"], r["test_ppl"])):
-            lines.append(f"| {r['target']:.0%} | {r['operator']} | {r['gqa_policy']} | {r['evaluations']} | "
-                         f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['search_wall_seconds']:.0f} |")
+            name = r["operator"] + (f" ({r['llm_model']}, prompts {r['prompt_version']})" if r.get("llm_model") else "")
+            references = [fixed.get((r["target"], o)) for o in ("uniform", "owl")]
+            versus = ("" if r["operator"] in ("uniform", "owl") or None in references else
+                      " / ".join("below" if r["test_ppl"] < ref else "above" for ref in references))
+            llm = r.get("llm") or {}
+            counts = ("/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "duplicates", "fallbacks"))
+                      if r.get("llm_model") else "")
+            lines.append(f"| {r['target']:.0%} | {name} | {r['gqa_policy']} | {r['evaluations']} | "
+                         f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {versus} | "
+                         f"{r.get('best_operator', '')} | {counts} | {r['search_wall_seconds']:.0f} |")
     return "\n".join(lines + next_to_smollm2(data))
 
 

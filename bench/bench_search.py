@@ -54,15 +54,35 @@ from selfprune.search.runner import fold_llm_counts
 RUNS = Path(__file__).resolve().parent / "runs"
 
 
-def run_name(operator: str, target: float, budget: int, seed: int, gqa: str, model: str = "default") -> str:
-    return (("" if model == "default" else f"{model}-") + f"{operator}-t{target:g}-b{budget}-s{seed}"
-            + ("" if gqa == "group" else f"-{gqa}"))
+def run_name(operator: str, target: float, budget: int, seed: int, gqa: str, model: str = "default",
+             llm_name: str | None = None) -> str:
+    return (("" if model == "default" else f"{model}-") + operator + (f"-by-{llm_name}" if llm_name else "")
+            + f"-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}"))
+
+
+def serve_gguf(path: Path, threads: int):
+    """llama.cpp's OpenAI-compatible server for `path` on loopback (the tests' launcher), stopped at exit; its key
+    goes to $SELFPRUNE_BENCH_KEY, which the search reads through --llm-api-key-env."""
+    import atexit
+    import os
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(RUNS.parents[1] / "tests"))
+    from llama_server import start_llama_server, stop_server
+
+    process, server = start_llama_server(path, Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192, n_threads=threads)
+    atexit.register(stop_server, process)
+    os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
+    return process, server
 
 
 def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None,
                llm_retries: int = 2, gqa: str = "group", criterion: str = "flap_unsquared",
-               model: str = "default") -> Path:
-    out = RUNS / run_name(operator, target, budget, seed, gqa, model)
+               model: str = "default", llm_name: str | None = None) -> Path:
+    """One `selfprune search` run in bench/runs (resumed when its folder exists). The LLM operator runs on
+    `server` (llama.cpp) when given, under the model name `llm_name` (default smollm2), else in transformers."""
+    out = RUNS / run_name(operator, target, budget, seed, gqa, model, llm_name)
     argv = ["search", "--model", model, "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
             "--gqa-policy", gqa, "--criterion", criterion,
             "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
@@ -73,11 +93,11 @@ def run_search(operator: str, target: float, budget: int, windows: int, seed: in
     if operator == "llm" and server is None:
         argv += ["--llm", "self", "--llm-max-tokens", "600"]
     elif operator == "llm":  # the same SmolLM2 weights (its GGUF), served by llama.cpp: much faster generation
-        argv += ["--llm", "openai:smollm2", "--llm-base-url", server.base_url, "--llm-api-key-env",
+        argv += ["--llm", f"openai:{llm_name or 'smollm2'}", "--llm-base-url", server.base_url, "--llm-api-key-env",
                  "SELFPRUNE_BENCH_KEY", "--llm-max-tokens", "600"]
     if (out / "summary.json").is_file():
         return out
-    runs = {b: RUNS / run_name(operator, target, b, seed, gqa, model) for b in range(1, budget)}
+    runs = {b: RUNS / run_name(operator, target, b, seed, gqa, model, llm_name) for b in range(1, budget)}
     shorter = [path for b, path in sorted(runs.items()) if (path / "summary.json").is_file()]
     if not out.exists() and shorter:
         # A larger budget continues the largest finished smaller one: its first evaluations are that run's.
@@ -121,18 +141,9 @@ def main() -> None:
         return
     server = None
     if args.llm_server:
-        import atexit
-        import os
-        import sys
-        import tempfile
+        from selfprune.models.loading import packaged_default_gguf
 
-        sys.path.insert(0, str(RUNS.parents[1] / "tests"))
-        from llama_server import default_gguf, start_llama_server, stop_server
-
-        process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192,
-                                               n_threads=args.llm_threads)
-        atexit.register(stop_server, process)
-        os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
+        _, server = serve_gguf(packaged_default_gguf(), args.llm_threads)
     _, tokenizer = load_model("default")
     test_evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
     test = test_evaluator.settings
