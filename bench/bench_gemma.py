@@ -6,6 +6,8 @@ Gemma needs <bos> at the start of every window (4 windows of WikiText-2: ppl 245
 perplexity and calibration windows carry it for every tokenizer that has one (`bos_per_window` in the settings).
 
     python bench/bench_gemma.py --windows 80 [--rates 0.2,0.5] [--criteria flap]   # results/gemma.{json,md}
+    python bench/bench_gemma.py --windows 80 --rates 0.2,0.3,0.5 --criteria wanda_sp,magnitude,flap \
+        --structures mlp_first:group,standardized:query   # (proportional:group equals mlp_first:group with MQA)
     python bench/bench_gemma.py --windows 80 --allocations uniform,owl   # per-layer allocations via selfprune search
     python bench/bench_gemma.py --windows 80 --allocations random,evolution,llm:smollm2   # searches, 100 evaluations
     python bench/bench_gemma.py --windows 80 --allocations llm:gemma3-270m   # (beside it) Gemma as its own operator
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--rates", default="0.2,0.5")
     parser.add_argument("--criteria", default="flap")
+    parser.add_argument("--structures", default=",".join(f"{s}:{p}" for s, p in STRUCTURE_POLICIES),
+                        help="comma list of structure:gqa_policy pairs for the uniform rows")
     parser.add_argument("--render", action="store_true", help="only rewrite gemma.md from gemma.json")
     parser.add_argument("--allocations", default=None,
                         help="comma list of search operators (uniform, owl, random, ...) to run through `selfprune "
@@ -59,7 +63,7 @@ def main() -> None:
             for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
     calibrated = None
     for criterion in args.criteria.split(","):
-        for structure, policy in STRUCTURE_POLICIES:
+        for structure, policy in (pair.split(":") for pair in args.structures.split(",")):
             rates = [float(r) for r in args.rates.split(",") if (criterion, float(r), structure, policy) not in done]
             if not rates:
                 continue
@@ -117,10 +121,11 @@ def allocations(args) -> None:
             row = {"operator": operator, "target": rate, "budget": budget, "evaluations": summary["evaluations"],
                    "criterion": config["criterion"], "gqa_policy": config["gqa_policy"],
                    "best_fitness_valid_ppl": summary["best_fitness"], "test_ppl": evaluator(model)["ppl"],
-                   "search_wall_seconds": summary["wall_seconds"], "best_rates": summary["best_rates"]}
+                   "search_wall_seconds": summary["wall_seconds"], "best_operator": summary["best_operator"],
+                   "best_rates": summary["best_rates"]}
             if operator in ("llm", "llm-random"):
                 row |= {"llm_model": llm_name or None, "prompt_version": config["llm"]["prompt_version"],
-                        "retries": config["llm"]["retries"], "best_operator": summary["best_operator"],
+                        "retries": config["llm"]["retries"],
                         "llm": fold_llm_counts(summary.get("llm") or {}), "sources": summary.get("sources")}
             update_results(lambda data: data.setdefault("allocations", []).append(row) or data.update(versions=versions()))
             rows = json.loads((RESULTS / "gemma.json").read_text())["allocations"]
@@ -153,14 +158,56 @@ def render(data: dict) -> str:
             name = r["operator"] + (f" ({r['llm_model']}, prompts {r['prompt_version']})" if r.get("llm_model") else "")
             references = [fixed.get((r["target"], o)) for o in ("uniform", "owl")]
             versus = ("" if r["operator"] in ("uniform", "owl") or None in references else
-                      " / ".join("below" if r["test_ppl"] < ref else "above" for ref in references))
+                      " / ".join("below" if r["test_ppl"] < ref else "equal" if r["test_ppl"] == ref else "above"
+                                 for ref in references))
             llm = r.get("llm") or {}
             counts = ("/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "duplicates", "fallbacks"))
                       if r.get("llm_model") else "")
             lines.append(f"| {r['target']:.0%} | {name} | {r['gqa_policy']} | {r['evaluations']} | "
                          f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {versus} | "
                          f"{r.get('best_operator', '')} | {counts} | {r['search_wall_seconds']:.0f} |")
-    return "\n".join(lines + next_to_smollm2(data))
+    return "\n".join(lines + search_next_to_smollm2(data) + next_to_smollm2(data))
+
+
+def search_next_to_smollm2(data: dict) -> list[str]:
+    """Whether SmolLM2's search conclusions hold on Gemma, from both models' seed-0 rows at 100 evaluations (group
+    policy): does the best search beat uniform and OWL, does OWL beat uniform, and how the operators rank."""
+    all_smol = [r for r in json.loads((RESULTS / "search.json").read_text())["rows"]
+                if r.get("gqa_policy") == "group" and r["budget"] in (1, 100)]
+    smol_rows = [r for r in all_smol if r.get("seed", 0) == 0]
+    random_seeds = {}
+    for r in all_smol:
+        if r["operator"] == "random":
+            random_seeds.setdefault(r["target"], []).append(r["test_ppl"])
+    noise = ", ".join(f"{max(v) - min(v):.0f} at {t:.0%}" for t, v in sorted(random_seeds.items()) if len(v) > 1)
+    models = {"SmolLM2-135M": {(r["target"], r["operator"].split(" ")[0] + (":self" if r["operator"].startswith("llm (")
+                                                                            else "")): r["test_ppl"] for r in smol_rows},
+              "Gemma 3 270M": {(r["target"], r["operator"] + (f":{r['llm_model']}" if r.get("llm_model") else "")):
+                               r["test_ppl"] for r in data.get("allocations", [])}}
+    rates = sorted({t for t, _ in models["Gemma 3 270M"]} & {t for t, _ in models["SmolLM2-135M"]})
+    if not rates:
+        return []
+    lines = ["", "## Do SmolLM2's search conclusions hold on Gemma?", "",
+             "Test perplexity of each operator's best model, search seed 0, 100 evaluations, group policy, one run "
+             "each (SmolLM2's rows from `search.json`: criterion `flap_unsquared`, its LLM row SmolLM2 itself with "
+             "prompts v2; Gemma's rows above: `flap`, prompts v3). Searched = random, evolution and the LLM "
+             "operators. A one-seed ranking is not known to be beyond the noise: SmolLM2's search seeds moved random "
+             f"search's test perplexity by {noise} (`search.md`).", "",
+             "| rate | model | uniform | OWL | OWL below uniform | best searched | searched below uniform and OWL "
+             "| operators, lowest test ppl first |", "|---|---|---|---|---|---|---|---|"]
+    for rate in rates:
+        for model, found in models.items():
+            here = {op: ppl for (t, op), ppl in found.items() if t == rate}
+            uniform, owl = here.get("uniform"), here.get("owl")
+            searched = {op: ppl for op, ppl in here.items() if op not in ("uniform", "owl")}
+            if uniform is None or owl is None or not searched:
+                continue
+            best = min(searched, key=searched.get)
+            order = ", ".join(f"{op} {ppl:.2f}" for op, ppl in sorted(here.items(), key=lambda kv: kv[1]))
+            lines.append(f"| {rate:.0%} | {model} | {uniform:.2f} | {owl:.2f} | {'yes' if owl < uniform else 'no'} | "
+                         f"{best} {searched[best]:.2f} | {'yes' if searched[best] < min(uniform, owl) else 'no'} | "
+                         f"{order} |")
+    return lines
 
 
 def next_to_smollm2(data: dict) -> list[str]:
