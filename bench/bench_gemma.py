@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import DATA_DIR, RESULTS, versions, write_results
-from bench_search import run_search, serve_gguf
+from common import DATA_DIR, RESULTS, serve_gguf, versions, write_results
+from bench_search import run_search
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.models import load_model
@@ -77,16 +77,19 @@ def main() -> None:
                        "query_heads": sum(l.num_heads for l in report.layers),
                        "ppl": evaluator(pruned)["ppl"]}
                 print(row, flush=True)
-                update_results(lambda data: data.update(header) or data["rows"].append(row))
+                add_row("rows", row, **header)
 
 
-def update_results(change) -> None:
-    """Read gemma.json, apply `change` to it, write it and its table back: parallel runs (say one per LLM
-    operator beside the uniform rows) each add their rows without dropping the others'."""
+def add_row(section: str, row: dict, **fields) -> list:
+    """Append `row` to gemma.json's `section` and set `fields`, reading the file just before writing it and its table:
+    parallel runs (say one per LLM operator beside the uniform rows) each add their rows without dropping the
+    others'. Returns the section as written."""
     path = RESULTS / "gemma.json"
-    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    change(data)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(fields)
+    data.setdefault(section, []).append(row)
     write_results("gemma", data, render(data))
+    return data[section]
 
 
 LLM_GGUFS = {"smollm2": "packaged_default_gguf", "gemma3-270m": "packaged_gemma3_270m_gguf"}
@@ -111,7 +114,7 @@ def allocations(args) -> None:
                    for r in rows):
                 continue
             if llm_name and llm_name not in servers:
-                servers[llm_name] = serve_gguf(getattr(loading, LLM_GGUFS[llm_name])(), 1)[1]
+                servers[llm_name] = serve_gguf(getattr(loading, LLM_GGUFS[llm_name])(), 1)[0]
             budget = 1 if operator in ("uniform", "owl") else args.budget
             out = run_search(operator, rate, budget, 6, 0, server=servers.get(llm_name), llm_retries=0,
                              criterion="flap", model="gemma3-270m", llm_name=llm_name or None)
@@ -127,8 +130,7 @@ def allocations(args) -> None:
                 row |= {"llm_model": llm_name or None, "prompt_version": config["llm"]["prompt_version"],
                         "retries": config["llm"]["retries"],
                         "llm": fold_llm_counts(summary.get("llm") or {}), "sources": summary.get("sources")}
-            update_results(lambda data: data.setdefault("allocations", []).append(row) or data.update(versions=versions()))
-            rows = json.loads((RESULTS / "gemma.json").read_text())["allocations"]
+            rows = add_row("allocations", row, versions=versions())
 
 
 def render(data: dict) -> str:

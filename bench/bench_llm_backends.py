@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, RESULTS, versions, write_results
+from common import REPO, RESULTS, serve_gguf, versions, write_results
 
 from selfprune.io import read_jsonl
 from selfprune.llm import OpenAICompatibleBackend, TransformersChatBackend
 from selfprune.models import load_model
+from selfprune.models.loading import packaged_default_gguf
 from selfprune.search.llm_operator import classify_rates, classify_selection, rates_schema, selection_schema
 from selfprune.search.space import SearchSpace
 
@@ -81,12 +80,7 @@ def usable_rates(args) -> None:
     from selfprune.search import RunSettings, SearchProblem, SearchRunner
     from selfprune.search.llm_operator import LLMOperator
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from llama_server import default_gguf, start_llama_server, stop_server
-
-    process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192,
-                                         n_threads=args.threads)
-    os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
+    server, stop = serve_gguf(packaged_default_gguf(), args.threads)
     rows = []
     try:
         for target in [float(t) for t in args.targets.split(",")]:
@@ -107,7 +101,7 @@ def usable_rates(args) -> None:
                 rows.append(row)
                 print({k: v for k, v in row.items() if k not in ("counts", "reasons")}, flush=True)
     finally:
-        stop_server(process)
+        stop()
     settings = {**vars(args), "threads": args.threads}
     write_results(args.results, {"rows": rows, "settings": settings, "versions": versions()}, usable_table(rows, settings))
 
@@ -227,12 +221,7 @@ def main() -> None:
     space = SearchSpace([1] * model.config.num_hidden_layers, config["target"], config["bounds"])
     calls = pick_calls(run, args.per_kind)
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from llama_server import default_gguf, start_llama_server, stop_server
-
-    process, server = start_llama_server(default_gguf(), Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192,
-                                         n_threads=args.threads)
-    os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
+    server, stop = serve_gguf(packaged_default_gguf(), args.threads)
     backends = {
         "self (transformers, fp32)": TransformersChatBackend(model, tokenizer, name="self"),
         "self GGUF (llama.cpp, Q4_1)": OpenAICompatibleBackend("smollm2", base_url=server.base_url,
@@ -252,7 +241,7 @@ def main() -> None:
                              "status": classify(call, result.text, space, config)})
                 print(rows[-1], flush=True)
     finally:
-        stop_server(process)
+        stop()
 
     lines = ["# One LLM-operator call: `--llm self` (transformers) vs the same weights served by llama.cpp", "",
              f"Prompts: the first {args.per_kind} first-attempt calls of each kind from `{run.relative_to(REPO)}`, "

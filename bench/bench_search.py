@@ -44,7 +44,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import DATA_DIR, RESULTS, versions, write_results
+from common import DATA_DIR, RESULTS, serve_gguf, versions, write_results
 
 from selfprune.cli import main as cli
 from selfprune.models import load_model
@@ -58,23 +58,6 @@ def run_name(operator: str, target: float, budget: int, seed: int, gqa: str, mod
              llm_name: str | None = None) -> str:
     return (("" if model == "default" else f"{model}-") + operator + (f"-by-{llm_name}" if llm_name else "")
             + f"-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}"))
-
-
-def serve_gguf(path: Path, threads: int):
-    """llama.cpp's OpenAI-compatible server for `path` on loopback (the tests' launcher), stopped at exit; its key
-    goes to $SELFPRUNE_BENCH_KEY, which the search reads through --llm-api-key-env."""
-    import atexit
-    import os
-    import sys
-    import tempfile
-
-    sys.path.insert(0, str(RUNS.parents[1] / "tests"))
-    from llama_server import start_llama_server, stop_server
-
-    process, server = start_llama_server(path, Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192, n_threads=threads)
-    atexit.register(stop_server, process)
-    os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
-    return process, server
 
 
 def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None,
@@ -143,7 +126,7 @@ def main() -> None:
     if args.llm_server:
         from selfprune.models.loading import packaged_default_gguf
 
-        _, server = serve_gguf(packaged_default_gguf(), args.llm_threads)
+        server, _ = serve_gguf(packaged_default_gguf(), args.llm_threads)
     _, tokenizer = load_model("default")
     test_evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
     test = test_evaluator.settings

@@ -22,6 +22,24 @@ def versions() -> dict:
             "selfprune": selfprune.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}
 
 
+def serve_gguf(path: Path, threads: int):
+    """llama.cpp's OpenAI-compatible server for the GGUF at `path` on loopback (the tests' launcher), with its key in
+    $SELFPRUNE_BENCH_KEY for --llm-api-key-env / api_key_env. Returns (server, stop); it is also stopped at exit."""
+    import atexit
+    import functools
+    import os
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from llama_server import start_llama_server, stop_server
+
+    process, server = start_llama_server(path, Path(tempfile.mkdtemp()) / "llama.log", n_ctx=8192, n_threads=threads)
+    stop = functools.partial(stop_server, process)
+    atexit.register(stop)
+    os.environ["SELFPRUNE_BENCH_KEY"] = server.api_key
+    return server, stop
+
+
 def write_results(name: str, data: dict, table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
