@@ -11,11 +11,13 @@ perplexity and calibration windows carry it for every tokenizer that has one (`b
     python bench/bench_gemma.py --windows 80 --allocations uniform,owl   # per-layer allocations via selfprune search
     python bench/bench_gemma.py --windows 80 --allocations random,evolution,llm:smollm2   # searches, 100 evaluations
     python bench/bench_gemma.py --windows 80 --allocations llm:gemma3-270m   # (beside it) Gemma as its own operator
+    python bench/bench_gemma.py --windows 80 --allocations random --rates 0.2 --seeds 1,2   # more search seeds
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 from common import DATA_DIR, RESULTS, serve_gguf, versions, write_results
 from bench_search import run_search
@@ -43,6 +45,7 @@ def main() -> None:
                         help="comma list of search operators (uniform, owl, random, ...) to run through `selfprune "
                              "search` on Gemma instead of the uniform rows")
     parser.add_argument("--budget", type=int, default=100, help="evaluations for the searching operators")
+    parser.add_argument("--seeds", default="0", help="comma list of search seeds (the calibration stays seed 0)")
     args = parser.parse_args()
     if args.allocations:
         allocations(args)
@@ -97,7 +100,8 @@ LLM_GGUFS = {"smollm2": "packaged_default_gguf", "gemma3-270m": "packaged_gemma3
 
 def allocations(args) -> None:
     """Per-layer allocations on Gemma through `selfprune search`, with the SmolLM2 search runs' settings (FLAP, the
-    group GQA policy, C4 64 x 128, 6 WikiText-2 validation windows, seed 0), then scored on the test windows.
+    group GQA policy, C4 64 x 128 calibration seed 0, 6 WikiText-2 validation windows), one run per search seed,
+    then scored on the test windows.
     `llm:NAME` runs the LLM operator with NAME's packaged GGUF (smollm2 or gemma3-270m) served by llama.cpp
     (1 thread, no retries: the schema makes the replies usable, an unusable one goes to the numeric fallback)."""
     import selfprune.models.loading as loading
@@ -107,30 +111,34 @@ def allocations(args) -> None:
     _, tokenizer = load_model("gemma3-270m")
     evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.windows, 8, DATA_DIR)
     servers = {}  # llm name -> its llama.cpp server, started on first use, stopped at exit
-    for rate in (float(r) for r in args.rates.split(",")):
-        for spec in args.allocations.split(","):
-            operator, _, llm_name = spec.partition(":")
-            if any(r["operator"] == operator and r["target"] == rate and r.get("llm_model") == (llm_name or None)
-                   for r in rows):
-                continue
-            if llm_name and llm_name not in servers:
-                servers[llm_name] = serve_gguf(getattr(loading, LLM_GGUFS[llm_name])(), 1)[0]
-            budget = 1 if operator in ("uniform", "owl") else args.budget
-            out = run_search(operator, rate, budget, 6, 0, server=servers.get(llm_name), llm_retries=0,
-                             criterion="flap", model="gemma3-270m", llm_name=llm_name or None)
-            summary = json.loads((out / "summary.json").read_text())
-            config = json.loads((out / "config.json").read_text())
-            model, _ = load_model(str(out / "model"))
-            row = {"operator": operator, "target": rate, "budget": budget, "evaluations": summary["evaluations"],
-                   "criterion": config["criterion"], "gqa_policy": config["gqa_policy"],
-                   "best_fitness_valid_ppl": summary["best_fitness"], "test_ppl": evaluator(model)["ppl"],
-                   "search_wall_seconds": summary["wall_seconds"], "best_operator": summary["best_operator"],
-                   "best_rates": summary["best_rates"]}
-            if operator in ("llm", "llm-random"):
-                row |= {"llm_model": llm_name or None, "prompt_version": config["llm"]["prompt_version"],
-                        "retries": config["llm"]["retries"],
-                        "llm": fold_llm_counts(summary.get("llm") or {}), "sources": summary.get("sources")}
-            rows = add_row("allocations", row, versions=versions())
+    runs = [(seed, float(rate), spec) for seed in (int(s) for s in args.seeds.split(","))
+            for rate in args.rates.split(",") for spec in args.allocations.split(",")]
+    for seed, rate, spec in runs:
+        operator, _, llm_name = spec.partition(":")
+        if operator in ("uniform", "owl") and seed != 0:
+            continue  # no search: the seed changes nothing
+        if any(r["operator"] == operator and r["target"] == rate and r.get("llm_model") == (llm_name or None)
+               and r.get("seed", 0) == seed for r in rows):
+            continue
+        if llm_name and llm_name not in servers:
+            servers[llm_name] = serve_gguf(getattr(loading, LLM_GGUFS[llm_name])(), 1)[0]
+        budget = 1 if operator in ("uniform", "owl") else args.budget
+        out = run_search(operator, rate, budget, 6, seed, server=servers.get(llm_name), llm_retries=0,
+                         criterion="flap", model="gemma3-270m", llm_name=llm_name or None)
+        summary = json.loads((out / "summary.json").read_text())
+        config = json.loads((out / "config.json").read_text())
+        model, _ = load_model(str(out / "model"))
+        row = {"operator": operator, "target": rate, "seed": seed, "budget": budget,
+               "evaluations": summary["evaluations"],
+               "criterion": config["criterion"], "gqa_policy": config["gqa_policy"],
+               "best_fitness_valid_ppl": summary["best_fitness"], "test_ppl": evaluator(model)["ppl"],
+               "search_wall_seconds": summary["wall_seconds"], "best_operator": summary["best_operator"],
+               "best_rates": summary["best_rates"]}
+        if operator in ("llm", "llm-random"):
+            row |= {"llm_model": llm_name or None, "prompt_version": config["llm"]["prompt_version"],
+                    "retries": config["llm"]["retries"],
+                    "llm": fold_llm_counts(summary.get("llm") or {}), "sources": summary.get("sources")}
+        rows = add_row("allocations", row, versions=versions())
 
 
 def render(data: dict) -> str:
@@ -146,18 +154,18 @@ def render(data: dict) -> str:
                      f"{r['achieved']:.2%} | {r['query_heads']} | {r['ppl']:.2f} |")
     if data.get("allocations"):
         lines += ["", "## Per-layer allocations (`selfprune search`)", "",
-                  "FLAP, C4 64 x 128 calibration, fitness WikiText-2 validation 6 x 128, search seed 0 (the SmolLM2 "
-                  "search runs' settings); test perplexity on the windows above. One run each.", "",
+                  "FLAP, C4 64 x 128 calibration (seed 0), fitness WikiText-2 validation 6 x 128 (the SmolLM2 "
+                  "search runs' settings); test perplexity on the windows above. One row per search seed.", "",
                   "LLM rows: the operator model's packaged GGUF served by llama.cpp on loopback (1 thread, temperature "
                   "0.7, JSON schema enforced by grammar, no retries); LLM counts valid / repaired / unusable / "
                   "duplicates / fallbacks; 'best from' names the operator that proposed the best candidate.", "",
-                  "| target | operator | GQA policy | evaluations | best valid ppl | test ppl | vs uniform / OWL "
-                  "| best from | LLM v/r/u/dup/fb | search s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| target | operator | seed | GQA policy | evaluations | best valid ppl | test ppl "
+                  "| vs uniform / OWL | best from | LLM v/r/u/dup/fb | search s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         fixed = {(r["target"], r["operator"]): r["test_ppl"] for r in data["allocations"]
                  if r["operator"] in ("uniform", "owl")}
         for r in sorted(data["allocations"], key=lambda r: (r["target"], r["test_ppl"])):
-            name = r["operator"] + (f" ({r['llm_model']}, prompts {r['prompt_version']})" if r.get("llm_model") else "")
+            name = allocation_name(r)
             references = [fixed.get((r["target"], o)) for o in ("uniform", "owl")]
             versus = ("" if r["operator"] in ("uniform", "owl") or None in references else
                       " / ".join("below" if r["test_ppl"] < ref else "equal" if r["test_ppl"] == ref else "above"
@@ -165,10 +173,41 @@ def render(data: dict) -> str:
             llm = r.get("llm") or {}
             counts = ("/".join(str(llm.get(k, 0)) for k in ("valid", "repaired", "unusable", "duplicates", "fallbacks"))
                       if r.get("llm_model") else "")
-            lines.append(f"| {r['target']:.0%} | {name} | {r['gqa_policy']} | {r['evaluations']} | "
+            seed = "" if r["operator"] in ("uniform", "owl") else r.get("seed", 0)
+            lines.append(f"| {r['target']:.0%} | {name} | {seed} | {r['gqa_policy']} | {r['evaluations']} | "
                          f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {versus} | "
                          f"{r.get('best_operator', '')} | {counts} | {r['search_wall_seconds']:.0f} |")
+        lines += over_seeds(data["allocations"], fixed)
     return "\n".join(lines + search_next_to_smollm2(data) + next_to_smollm2(data))
+
+
+def allocation_name(row: dict) -> str:
+    return row["operator"] + (f" ({row['llm_model']}, prompts {row['prompt_version']})" if row.get("llm_model") else "")
+
+
+def over_seeds(rows: list[dict], fixed: dict) -> list[str]:
+    """Mean and range of test perplexity for every searching operator run with more than one seed, and whether
+    every seed (not only the mean) lands below uniform and OWL."""
+    groups: dict = {}
+    for r in rows:
+        if r["operator"] not in ("uniform", "owl"):
+            groups.setdefault((r["target"], allocation_name(r)), []).append(r["test_ppl"])
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return []
+    lines = ["", "### Over search seeds", "",
+             "Searches rerun with other search seeds (calibration fixed). Mean, min-max range and sample standard "
+             "deviation of test perplexity; 'all seeds below' is yes when the worst seed is below both uniform and "
+             "OWL.", "",
+             "| target | operator | seeds | mean test ppl | range | sd | uniform | OWL | all seeds below |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (target, name), values in sorted(groups.items()):
+        refs = [fixed.get((target, o)) for o in ("uniform", "owl")]
+        below = "" if None in refs else "yes" if max(values) < min(refs) else "no"
+        lines.append(f"| {target:.0%} | {name} | {len(values)} | {statistics.mean(values):.2f} | "
+                     f"{min(values):.2f}-{max(values):.2f} | {statistics.stdev(values):.2f} | "
+                     + " | ".join("" if x is None else f"{x:.2f}" for x in refs) + f" | {below} |")
+    return lines
 
 
 def search_next_to_smollm2(data: dict) -> list[str]:
@@ -185,7 +224,7 @@ def search_next_to_smollm2(data: dict) -> list[str]:
     models = {"SmolLM2-135M": {(r["target"], r["operator"].split(" ")[0] + (":self" if r["operator"].startswith("llm (")
                                                                             else "")): r["test_ppl"] for r in smol_rows},
               "Gemma 3 270M": {(r["target"], r["operator"] + (f":{r['llm_model']}" if r.get("llm_model") else "")):
-                               r["test_ppl"] for r in data.get("allocations", [])}}
+                               r["test_ppl"] for r in data.get("allocations", []) if r.get("seed", 0) == 0}}
     rates = sorted({t for t, _ in models["Gemma 3 270M"]} & {t for t, _ in models["SmolLM2-135M"]})
     if not rates:
         return []
