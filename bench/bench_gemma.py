@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 from common import DATA_DIR, RESULTS, serve_gguf, versions, write_results
-from bench_search import run_search
+from bench_search import run_search, seed_summary
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.models import load_model
@@ -177,37 +176,13 @@ def render(data: dict) -> str:
             lines.append(f"| {r['target']:.0%} | {name} | {seed} | {r['gqa_policy']} | {r['evaluations']} | "
                          f"{r['best_fitness_valid_ppl']:.2f} | {r['test_ppl']:.2f} | {versus} | "
                          f"{r.get('best_operator', '')} | {counts} | {r['search_wall_seconds']:.0f} |")
-        lines += over_seeds(data["allocations"], fixed)
+        # the SmolLM2 table's summary: mean, spread and range over search seeds, noise verdicts, all seeds below
+        lines += seed_summary([r | {"operator": allocation_name(r)} for r in data["allocations"]])
     return "\n".join(lines + search_next_to_smollm2(data) + next_to_smollm2(data))
 
 
 def allocation_name(row: dict) -> str:
     return row["operator"] + (f" ({row['llm_model']}, prompts {row['prompt_version']})" if row.get("llm_model") else "")
-
-
-def over_seeds(rows: list[dict], fixed: dict) -> list[str]:
-    """Mean and range of test perplexity for every searching operator run with more than one seed, and whether
-    every seed (not only the mean) lands below uniform and OWL."""
-    groups: dict = {}
-    for r in rows:
-        if r["operator"] not in ("uniform", "owl"):
-            groups.setdefault((r["target"], allocation_name(r)), []).append(r["test_ppl"])
-    groups = {k: v for k, v in groups.items() if len(v) > 1}
-    if not groups:
-        return []
-    lines = ["", "### Over search seeds", "",
-             "Searches rerun with other search seeds (calibration fixed). Mean, min-max range and sample standard "
-             "deviation of test perplexity; 'all seeds below' is yes when the worst seed is below both uniform and "
-             "OWL.", "",
-             "| target | operator | seeds | mean test ppl | range | sd | uniform | OWL | all seeds below |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (target, name), values in sorted(groups.items()):
-        refs = [fixed.get((target, o)) for o in ("uniform", "owl")]
-        below = "" if None in refs else "yes" if max(values) < min(refs) else "no"
-        lines.append(f"| {target:.0%} | {name} | {len(values)} | {statistics.mean(values):.2f} | "
-                     f"{min(values):.2f}-{max(values):.2f} | {statistics.stdev(values):.2f} | "
-                     + " | ".join("" if x is None else f"{x:.2f}" for x in refs) + f" | {below} |")
-    return lines
 
 
 def search_next_to_smollm2(data: dict) -> list[str]:
@@ -221,8 +196,10 @@ def search_next_to_smollm2(data: dict) -> list[str]:
         if r["operator"] == "random":
             random_seeds.setdefault(r["target"], []).append(r["test_ppl"])
     noise = ", ".join(f"{max(v) - min(v):.0f} at {t:.0%}" for t, v in sorted(random_seeds.items()) if len(v) > 1)
-    models = {"SmolLM2-135M": {(r["target"], r["operator"].split(" ")[0] + (":self" if r["operator"].startswith("llm (")
-                                                                            else "")): r["test_ppl"] for r in smol_rows},
+    def smol_name(r):
+        return r["operator"].split(" ")[0] + (":self" if r["operator"].startswith("llm (") else "")
+
+    models = {"SmolLM2-135M": {(r["target"], smol_name(r)): r["test_ppl"] for r in smol_rows},
               "Gemma 3 270M": {(r["target"], r["operator"] + (f":{r['llm_model']}" if r.get("llm_model") else "")):
                                r["test_ppl"] for r in data.get("allocations", []) if r.get("seed", 0) == 0}}
     rates = sorted({t for t, _ in models["Gemma 3 270M"]} & {t for t, _ in models["SmolLM2-135M"]})
