@@ -129,6 +129,21 @@ def train(row: dict, student: Path) -> dict:
 _PPL = {}
 
 
+def rebuild(results: dict, name: str, student: Path) -> None:
+    """Train a finished row again (same seed and recipe) when its model is needed and its folder was lost.
+
+    The row keeps its first numbers; the rebuilt perplexity goes beside them, so the table can show whether the
+    retrained model is the one measured (CPU training is deterministic for a fixed thread count).
+    """
+    run = train(results["rows"][name], student)
+    ppl = wikitext_ppl(run["out"])["ppl"]
+    results = load_results()
+    row = results["rows"][name]
+    row["rebuilt"] = {"ppl": ppl, "threads": THREADS, "wall_seconds": run["wall_seconds"]}
+    save(results)
+    print(f"{name}: rebuilt, ppl {ppl:.2f} (first run {row['ppl']:.2f})", flush=True)
+
+
 def wikitext_ppl(model_dir) -> dict:
     from selfprune.models import load_model
     from selfprune.perplexity import PerplexityEvaluator
@@ -179,29 +194,92 @@ def table(results: dict) -> str:
                      f"| {base['ppl']:.2f} | {row['ppl']:.2f} | {s['initial']['heldout_lm_loss']:.3f} -> "
                      f"{s['final']['heldout_lm_loss']:.3f} | {kl} | {s['train_seconds']:.0f} | "
                      f"{s['tokens'] / s['train_seconds']:.0f} | {row['peak_rss_mb']:.0f} |")
+    rebuilt = [f"{name} {row['ppl']:.2f} then {row['rebuilt']['ppl']:.2f}" for name, row in results["rows"].items()
+               if "rebuilt" in row]
+    if rebuilt:
+        lines += ["", "Trained again with the same seed and recipe because the model folder was lost with an earlier "
+                      "machine and the tasks need the model (first perplexity, then the rebuilt one's): "
+                  + "; ".join(rebuilt) + "."]
     if results.get("tasks"):
-        from selfprune.evaluation.zero_shot import REPORTED_METRIC, TASKS
-
-        lines += ["", "Commonsense tasks, zero-shot, first N items of each task:", "",
-                  "| model | " + " | ".join(f"{t} ({REPORTED_METRIC[t]})" for t in TASKS) + " | average |",
-                  "|---|" + "---|" * (len(TASKS) + 1)]
-        for name, acc in results["tasks"].items():
-            lines.append(f"| {name} (limit {acc['limit']}) | " + " | ".join(f"{acc['tasks'][t]:.3f}" for t in TASKS)
-                         + f" | {acc['average']:.4f} |")
+        lines += tasks_table(results)
     return "\n".join(lines)
 
 
+def boolq_yes_share(scored: dict | None) -> float:
+    """Share of 'yes' answers among the BoolQ items the models saw (the first ``limit`` of the local dev split)."""
+    limit = scored["limit"] if scored else None
+    with open(Path(DATA_DIR) / "boolq" / "dev.jsonl") as lines:
+        answers = [json.loads(line)["answer"] for line in lines][:limit]
+    return sum(answers) / len(answers)
+
+
+def tasks_table(results: dict) -> list[str]:
+    """Accuracy per task, the average with its standard error and as a share of dense, with and without BoolQ."""
+    from selfprune.evaluation.zero_shot import REPORTED_METRIC, TASKS
+
+    others = [t for t in TASKS if t != "boolq"]
+    dense = results["tasks"].get("dense")
+    lines = ["", "Commonsense tasks, zero-shot (lm-eval, local data), the first N items of each task for every model. "
+                 "The average's standard error is sqrt(sum of squared task errors) / 7; a gap between two models "
+                 "smaller than about twice it is noise. BoolQ is also left out of a second average: at this size "
+                 f"it records which way a model leans, not what it reads ({boolq_yes_share(dense):.0%} of the "
+                 "items are 'yes'; a model that always answers 'yes' scores that, one that always answers 'no' the "
+                 "rest).", "",
+             "| model | " + " | ".join(f"{t} ({REPORTED_METRIC[t]})" for t in TASKS)
+             + " | average +- se | % of dense | average w/o BoolQ | % of dense | wikitext2 ppl | eval s |",
+             "|---|" + "---|" * (len(TASKS) + 6)]
+    for name, acc in results["tasks"].items():
+        errors = [acc.get("stderr", {}).get(t) for t in TASKS]
+        se = (sum(e * e for e in errors) ** 0.5 / len(TASKS)) if None not in errors else None
+        comparable = dense and dense["limit"] == acc["limit"]
+        without = sum(acc["tasks"][t] for t in others) / len(others)
+        dense_without = sum(dense["tasks"][t] for t in others) / len(others) if comparable else None
+        measured = results["bases"].get(name) or results["rows"].get(name) or {}
+        ppl = measured.get("rebuilt", measured).get("ppl")  # of the model these tasks ran on
+        lines.append(f"| {name} (limit {acc['limit']}) | " + " | ".join(f"{acc['tasks'][t]:.3f}" for t in TASKS)
+                     + f" | {acc['average']:.4f}" + (f" +- {se:.4f}" if se is not None else "") + " | "
+                     + (f"{acc['average'] / dense['average']:.1%}" if comparable else "") + f" | {without:.4f} | "
+                     + (f"{without / dense_without:.1%}" if comparable else "") + " | "
+                     + (f"{ppl:.2f}" if ppl else "") + f" | {acc.get('seconds', 0):.0f} |")
+    return lines
+
+
 def zero_shot(results: dict, name: str, model_dir, limit: int) -> None:
+    """The seven tasks for one model, first ``limit`` items each; kept with their standard errors."""
     if name in results["tasks"] and results["tasks"][name]["limit"] == limit:
+        return
+    if not (Path(model_dir) / "config.json").is_file():
+        print(f"{name}: no model at {model_dir} (work folder from another machine?); re-run its training row", flush=True)
         return
     from selfprune.evaluation.zero_shot import TASKS, evaluate_zero_shot
     from selfprune.models import load_model
 
+    print(f"tasks: {name} (limit {limit})", flush=True)
+    start = time.time()
     model, tokenizer = load_model(str(model_dir))
     acc = evaluate_zero_shot(model, tokenizer, list(TASKS), limit=limit, data_dir=DATA_DIR, batch_size=8)
-    results["tasks"][name] = {"limit": limit, "average": acc["average"],
-                              "tasks": {t: acc["tasks"][t]["value"] for t in TASKS}}
+    results = load_results()  # as it is now: other invocations may have saved during these minutes
+    results["tasks"][name] = {"limit": limit, "average": acc["average"], "seconds": time.time() - start,
+                              "threads": THREADS, "lm_eval_version": acc["lm_eval_version"],
+                              "tasks": {t: acc["tasks"][t]["value"] for t in TASKS},
+                              "stderr": {t: acc["tasks"][t]["stderr"] for t in TASKS},
+                              "n": {t: acc["tasks"][t]["n"] for t in TASKS}}
     save(results)
+
+
+def task_models(results: dict, bases: dict) -> list[tuple[str, Path]]:
+    """Dense, uniform 20%, searched 20%, then each one's full-parameter recoveries, in that order."""
+    from selfprune.models import resolve_model_spec
+
+    models = [("dense", Path(resolve_model_spec("default")))]
+    for base in ("uniform 20%", "searched 20%"):
+        if base in bases:
+            models.append((base, WORK / "pruned" / slug(base)))
+    for base in ("uniform 20%", "searched 20%"):
+        for name, row in results["rows"].items():
+            if row["base"] == base and not row["lora"] and row["tokens"] >= 100_000:
+                models.append((name, WORK / "recovered" / slug(name)))
+    return models
 
 
 def main() -> None:
@@ -209,6 +287,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
     parser.add_argument("--max-rows", type=int, default=None, help="stop after this many new rows")
     parser.add_argument("--tasks", action="store_true", help="also run the commonsense tasks (slow)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="re-train finished rows whose model folder is gone (for --tasks); the first ppl stays")
+    parser.add_argument("--tasks-only", action="store_true", help="run the commonsense tasks, no training rows")
     parser.add_argument("--limit", type=int, default=500, help="items per commonsense task")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for training and evaluation")
     args = parser.parse_args()
@@ -226,9 +307,13 @@ def main() -> None:
         save(results)
     bases = {b["name"]: b for b in base_models()}
     new_rows = 0
-    for row in plan(list(bases.values())):
+    for row in [] if args.tasks_only else plan(list(bases.values())):
         results = load_results() | {k: v for k, v in results.items() if k not in ("bases", "rows", "tasks")}
-        if row["name"] in results["rows"] or (args.only and args.only not in row["name"]):  # done by any run
+        if args.only and args.only not in row["name"]:
+            continue
+        if row["name"] in results["rows"]:  # done by any run
+            if args.rebuild and not (WORK / "recovered" / slug(row["name"]) / "config.json").is_file():
+                rebuild(results, row["name"], ensure_pruned(bases[row["base"]]))
             continue
         if args.max_rows is not None and new_rows >= args.max_rows:
             break
@@ -242,8 +327,10 @@ def main() -> None:
         from selfprune.pruned_format import read_report
 
         recovery = read_report(run["out"])["recovery"]
+        ppl = wikitext_ppl(run["out"])["ppl"]
+        results = load_results()  # others may have saved while this row trained
         results["rows"][row["name"]] = row | {
-            "ppl": wikitext_ppl(run["out"])["ppl"], "summary": recovery["summary"], "settings": recovery["settings"],
+            "ppl": ppl, "summary": recovery["summary"], "settings": recovery["settings"],
             "wall_seconds_last_session": run["wall_seconds"], "peak_rss_mb": run["peak_rss_mb"],
             "curve": [{k: e[k] for k in ("step", "tokens", "heldout_lm_loss", "heldout_kl") if k in e}
                       for e in recovery["curve"] if "heldout_lm_loss" in e]}
@@ -251,17 +338,13 @@ def main() -> None:
         new_rows += 1
         print(row["name"], f"ppl {results['bases'][row['base']]['ppl']:.2f} -> {results['rows'][row['name']]['ppl']:.2f}",
               flush=True)
-    if args.tasks:
-        from selfprune.models import resolve_model_spec
-
-        zero_shot(results, "dense", resolve_model_spec("default"), args.limit)
-        for base in ("uniform 20%", "searched 20%"):
-            if base in bases:
-                zero_shot(results, base, ensure_pruned(bases[base]), args.limit)
-            for name, row in results["rows"].items():
-                if row["base"] == base and row["tokens"] == 100_000 and not row["lora"]:
-                    zero_shot(results, name, WORK / "recovered" / slug(name), args.limit)
-
+    if args.tasks or args.tasks_only:
+        for name, model_dir in task_models(load_results(), bases):
+            if args.only and args.only not in name:
+                continue
+            if name in bases:
+                ensure_pruned(bases[name])
+            zero_shot(load_results(), name, model_dir, args.limit)
 
 if __name__ == "__main__":
     main()
