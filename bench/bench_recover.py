@@ -5,9 +5,11 @@ Rows run in priority order (20% uniform FLAP first) and the script is resumable:
 a killed training run is continued with ``selfprune recover --resume``, and results are written after every
 row. Each training run is a ``selfprune recover`` subprocess (peak RSS from its rusage); perplexity is
 WikiText-2 test, 80 windows of 128 tokens, like every other table here. ``--tasks`` adds the seven commonsense
-tasks (``--limit`` items each) for dense, uniform 20%, searched 20% and their recovered versions.
+tasks (``--limit`` items each) for dense, uniform 20%, searched 20% and their recovered versions
+(``--tasks-only`` skips training; ``--rebuild`` trains a finished row again when its model folder is gone).
 
     nice python bench/bench_recover.py [--only 'uniform 20%'] [--max-rows N] [--tasks --limit 500]
+    nice python bench/bench_recover.py --tasks-only --only 'searched 20%' --threads 1
 """
 from __future__ import annotations
 
@@ -249,7 +251,8 @@ def zero_shot(results: dict, name: str, model_dir, limit: int) -> None:
     if name in results["tasks"] and results["tasks"][name]["limit"] == limit:
         return
     if not (Path(model_dir) / "config.json").is_file():
-        print(f"{name}: no model at {model_dir} (work folder from another machine?); re-run its training row", flush=True)
+        print(f"{name}: no model at {model_dir} (work folder from another machine?); "
+              "train it again with --rebuild --only NAME", flush=True)
         return
     from selfprune.evaluation.zero_shot import TASKS, evaluate_zero_shot
     from selfprune.models import load_model
@@ -345,6 +348,7 @@ def main() -> None:
             if name in bases:
                 ensure_pruned(bases[name])
             zero_shot(load_results(), name, model_dir, args.limit)
+
 
 if __name__ == "__main__":
     main()
