@@ -248,18 +248,6 @@ def main() -> None:
     write(done)
 
 
-def keep_unjournaled(analysis: dict) -> dict:
-    """The committed analysis of a target whose journal was lost (its first 13 candidates at 20% were journaled on a
-    machine that is gone) stays until the journal holds at least as many candidates for that target."""
-    path = RESULTS / f"{NAME}.json"
-    old = json.loads(path.read_text())["analysis"] if path.exists() else {}
-    merged = dict(old)
-    for target, entry in analysis.items():
-        if entry["candidates"] >= old.get(target, {}).get("candidates", 0):
-            merged[target] = entry
-    return dict(sorted(merged.items(), key=lambda kv: float(kv[0])))
-
-
 def write(records: list[dict]) -> None:
     if not records:
         return
@@ -267,7 +255,7 @@ def write(records: list[dict]) -> None:
                          "calibration": {"source": "c4", "num_samples": 64, "seq_len": 128, "seed": 0},
                          "passes": [dict(zip(("label", "dataset", "split", "seq_len", "windows"), p)) for p in PASSES],
                          "versions": versions()},
-            "analysis": keep_unjournaled(analyse(records))}
+            "analysis": analyse(records)}
     atomic_write_json(RESULTS / f"{NAME}.json", data)
     atomic_write_text(RESULTS / f"{NAME}.md", table(data) + "\n")
 

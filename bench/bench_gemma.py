@@ -196,6 +196,7 @@ def search_next_to_smollm2(data: dict) -> list[str]:
         if r["operator"] == "random":
             random_seeds.setdefault(r["target"], []).append(r["test_ppl"])
     noise = ", ".join(f"{max(v) - min(v):.0f} at {t:.0%}" for t, v in sorted(random_seeds.items()) if len(v) > 1)
+
     def smol_name(r):
         return r["operator"].split(" ")[0] + (":self" if r["operator"].startswith("llm (") else "")
 

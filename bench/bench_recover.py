@@ -88,9 +88,17 @@ def slug(name: str) -> str:
     return name.replace("%", "").replace(" ", "-").replace(".", "_")
 
 
+def pruned_dir(base_name: str) -> Path:
+    return WORK / "pruned" / slug(base_name)
+
+
+def recovered_dir(row_name: str) -> Path:
+    return WORK / "recovered" / slug(row_name)
+
+
 def ensure_pruned(base: dict) -> Path:
     """The pruned starting point as a folder (built once; FLAP, 64 calibration samples as the search runs)."""
-    out = WORK / "pruned" / slug(base["name"])
+    out = pruned_dir(base["name"])
     if (out / "config.json").is_file():
         return out
     from selfprune.calibration import CalibrationConfig
@@ -109,7 +117,7 @@ def ensure_pruned(base: dict) -> Path:
 
 def train(row: dict, student: Path) -> dict:
     """Run (or resume) ``selfprune recover`` for a row; returns wall time and peak RSS of this session."""
-    out = WORK / "recovered" / slug(row["name"])
+    out = recovered_dir(row["name"])
     if (out / "recovery_run.json").is_file():
         call = f"resume_run({str(out)!r})"
     else:
@@ -221,6 +229,7 @@ def tasks_table(results: dict) -> list[str]:
 
     others = [t for t in TASKS if t != "boolq"]
     dense = results["tasks"].get("dense")
+    dense_without = sum(dense["tasks"][t] for t in others) / len(others) if dense else None
     lines = ["", "Commonsense tasks, zero-shot (lm-eval, local data), the first N items of each task for every model. "
                  "The average's standard error is sqrt(sum of squared task errors) / 7; a gap between two models "
                  "smaller than about twice it is noise. BoolQ is also left out of a second average: at this size "
@@ -235,7 +244,6 @@ def tasks_table(results: dict) -> list[str]:
         se = (sum(e * e for e in errors) ** 0.5 / len(TASKS)) if None not in errors else None
         comparable = dense and dense["limit"] == acc["limit"]
         without = sum(acc["tasks"][t] for t in others) / len(others)
-        dense_without = sum(dense["tasks"][t] for t in others) / len(others) if comparable else None
         measured = results["bases"].get(name) or results["rows"].get(name) or {}
         ppl = measured.get("rebuilt", measured).get("ppl")  # of the model these tasks ran on
         lines.append(f"| {name} (limit {acc['limit']}) | " + " | ".join(f"{acc['tasks'][t]:.3f}" for t in TASKS)
@@ -246,9 +254,10 @@ def tasks_table(results: dict) -> list[str]:
     return lines
 
 
-def zero_shot(results: dict, name: str, model_dir, limit: int) -> None:
+def zero_shot(name: str, model_dir, limit: int) -> None:
     """The seven tasks for one model, first ``limit`` items each; kept with their standard errors."""
-    if name in results["tasks"] and results["tasks"][name]["limit"] == limit:
+    done = load_results()["tasks"].get(name)
+    if done and done["limit"] == limit:
         return
     if not (Path(model_dir) / "config.json").is_file():
         print(f"{name}: no model at {model_dir} (work folder from another machine?); "
@@ -277,11 +286,11 @@ def task_models(results: dict, bases: dict) -> list[tuple[str, Path]]:
     models = [("dense", Path(resolve_model_spec("default")))]
     for base in ("uniform 20%", "searched 20%"):
         if base in bases:
-            models.append((base, WORK / "pruned" / slug(base)))
+            models.append((base, pruned_dir(base)))
     for base in ("uniform 20%", "searched 20%"):
         for name, row in results["rows"].items():
             if row["base"] == base and not row["lora"] and row["tokens"] >= 100_000:
-                models.append((name, WORK / "recovered" / slug(name)))
+                models.append((name, recovered_dir(name)))
     return models
 
 
@@ -315,7 +324,7 @@ def main() -> None:
         if args.only and args.only not in row["name"]:
             continue
         if row["name"] in results["rows"]:  # done by any run
-            if args.rebuild and not (WORK / "recovered" / slug(row["name"]) / "config.json").is_file():
+            if args.rebuild and not (recovered_dir(row["name"]) / "config.json").is_file():
                 rebuild(results, row["name"], ensure_pruned(bases[row["base"]]))
             continue
         if args.max_rows is not None and new_rows >= args.max_rows:
@@ -347,7 +356,7 @@ def main() -> None:
                 continue
             if name in bases:
                 ensure_pruned(bases[name])
-            zero_shot(load_results(), name, model_dir, args.limit)
+            zero_shot(name, model_dir, args.limit)
 
 
 if __name__ == "__main__":
