@@ -50,6 +50,9 @@ PASSES = (("wt2-val-128", "wikitext2", "validation", 128, 64),
 SETTINGS = ([("ppl", "wt2-val-128", k) for k in (6, 16, 32, 64)]
             + [("kl", "c4-val-128", k) for k in (6, 16, 32, 64)]
             + [("ppl", "wt2-val-512", k) for k in (2, 4, 8, 16)])
+# (fitness, data, few windows, many windows): every candidate on the few, the best quarter again on the many
+STAGED = (("ppl", "wt2-val-128", 6, 32), ("ppl", "wt2-val-128", 16, 64), ("kl", "c4-val-128", 6, 32),
+          ("kl", "c4-val-128", 16, 64), ("ppl", "wt2-val-512", 2, 8), ("ppl", "wt2-val-512", 4, 16))
 OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2)
 BATCH = 8
 
@@ -168,8 +171,7 @@ def analyse(records: list[dict]) -> dict:
                          "spearman": spearman(scores, test), "spearman_best_half": spearman(scores[top], test[top]),
                          "picked_test_ppl": float(test[pick]),
                          "regret": float(test[pick] - best_test)})
-        for kind, label, few, many in (("ppl", "wt2-val-128", 6, 32), ("ppl", "wt2-val-128", 16, 64),
-                                       ("kl", "c4-val-128", 6, 32), ("kl", "c4-val-128", 16, 64)):
+        for kind, label, few, many in STAGED:
             cheap = np.array([value(r, kind, label, few) for r in recs])
             keep = np.argsort(cheap)[: max(1, len(recs) // 4)]
             full = {int(i): value(recs[i], kind, label, many) for i in keep}

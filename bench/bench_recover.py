@@ -7,6 +7,7 @@ row. Each training run is a ``selfprune recover`` subprocess (peak RSS from its 
 WikiText-2 test, 80 windows of 128 tokens, like every other table here. ``--tasks`` adds the seven commonsense
 tasks (``--limit`` items each) for dense, uniform 20%, searched 20% and their recovered versions
 (``--tasks-only`` skips training; ``--rebuild`` trains a finished row again when its model folder is gone).
+Two 20k-token rows at lr 3e-4 and 1e-3 check how far the untuned default (1e-4, full fine-tuning) is off.
 
     nice python bench/bench_recover.py [--only 'uniform 20%'] [--max-rows N] [--tasks --limit 500]
     nice python bench/bench_recover.py --tasks-only --only 'searched 20%' --threads 1
@@ -57,9 +58,9 @@ def plan(bases: list[dict]) -> list[dict]:
     by_name = {b["name"]: b for b in bases}
     rows = []
 
-    def add(base, method, lora, tokens):
+    def add(base, method, lora, tokens, lr=None):
         if base in by_name:
-            rows.append({"base": base, "method": method, "lora": lora, "tokens": tokens})
+            rows.append({"base": base, "method": method, "lora": lora, "tokens": tokens, "lr": lr})
 
     for method in ("kd", "lm"):
         add("uniform 20%", method, False, 100_000)
@@ -73,6 +74,9 @@ def plan(bases: list[dict]) -> list[dict]:
     add("searched 50%", "kd", False, 100_000)
     add("uniform 20%", "kd", False, 500_000)
     add("searched 20%", "kd", False, 500_000)
+    for lr in (3e-4, 1e-3):  # is the untuned default (1e-4) far off? Short runs beside the 20k-token row
+        add("uniform 20%", "kd", False, 20_000, lr)
+    add("uniform 20%", "kd", False, 100_000, 3e-4)  # the best of those, at the 0.1M budget
     add("uniform 50%", "kd", False, 500_000)
     add("searched 50%", "kd", False, 500_000)
     for base in ("uniform 50%", "uniform 30%", "searched 30%"):
@@ -81,7 +85,12 @@ def plan(bases: list[dict]) -> list[dict]:
     add("searched 30%", "kd", False, 100_000)
     for row in rows:
         row["name"] = f"{row['base']} {row['method']} {'lora' if row['lora'] else 'full'} {row['tokens'] / 1e6:g}M"
+        row["name"] += f" lr {lr_text(row['lr'])}" if row["lr"] else ""
     return rows
+
+
+def lr_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
 
 
 def slug(name: str) -> str:
@@ -121,7 +130,8 @@ def train(row: dict, student: Path) -> dict:
     if (out / "recovery_run.json").is_file():
         call = f"resume_run({str(out)!r})"
     else:
-        config = dict(RECIPE, method=row["method"], tokens=row["tokens"], lora_rank=LORA_RANK if row["lora"] else 0)
+        config = dict(RECIPE, method=row["method"], tokens=row["tokens"], lora_rank=LORA_RANK if row["lora"] else 0,
+                      learning_rate=row.get("lr"))
         call = (f"recover_from_specs({str(student)!r}, {str(out)!r}, teacher='default', "
                 f"config=RecoveryConfig(**{config!r}), data_dir={DATA_DIR!r}, overwrite=True)")
     # The library call `selfprune recover` makes (same arguments), without depending on the CLI's state.
@@ -189,18 +199,19 @@ def table(results: dict) -> str:
              f"windows (dense {dense:.2f}). " if dense else "", ]
     recipe = results["settings"]["recipe"]
     lines[-1] += (f"Training on the C4 sample, {recipe['batch_size']} x {recipe['seq_len']} tokens per step, AdamW "
-                  f"with 5% warm-up and cosine decay, lr 1e-4 full / 5e-4 LoRA (rank {results['settings']['lora_rank']}, "
+                  f"with 5% warm-up and cosine decay, lr 1e-4 full / 5e-4 LoRA unless the table says otherwise (rank {results['settings']['lora_rank']}, "
                   "q/k/v/o/gate/up/down, merged), fp32 on a shared 2-core CPU. Held-out: 32 C4 sequences never "
                   "trained on (loss in nats/token, KL(teacher || student) per token).")
-    lines += ["", "| starting point | method | params | tokens | ppl before | ppl after | held-out loss before -> after "
-                  "| KL before -> after | train s | tokens/s | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| starting point | method | params | lr | tokens | ppl before | ppl after | held-out loss before -> "
+                  "after | KL before -> after | train s | tokens/s | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"].values():
         base = results["bases"][row["base"]]
         s = row["summary"]
         kl = (f"{s['initial']['heldout_kl']:.3f} -> {s['final']['heldout_kl']:.3f}"
               if "heldout_kl" in s["final"] else "")
-        lines.append(f"| {row['base']} | {row['method']} | {'LoRA' if row['lora'] else 'full'} | {row['tokens']:,} "
+        lines.append(f"| {row['base']} | {row['method']} | {'LoRA' if row['lora'] else 'full'} "
+                     f"| {lr_text(row['settings']['learning_rate'])} | {row['tokens']:,} "
                      f"| {base['ppl']:.2f} | {row['ppl']:.2f} | {s['initial']['heldout_lm_loss']:.3f} -> "
                      f"{s['final']['heldout_lm_loss']:.3f} | {kl} | {s['train_seconds']:.0f} | "
                      f"{s['tokens'] / s['train_seconds']:.0f} | {row['peak_rss_mb']:.0f} |")

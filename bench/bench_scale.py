@@ -48,7 +48,7 @@ def run_mode(name: str, mode: dict, work: Path, budget: int, windows: int) -> di
     out = work / name.replace(" ", "").replace(",", "_")
     command = [sys.executable, "-m", "selfprune", "search", "--model", "default", "--target", "0.3",
                "--operator", "random", "--budget", str(budget), "--population", str(budget),
-               "--fitness-windows", str(windows), "--calib-samples", "64", "--data-dir", DATA_DIR,
+               "--fitness-windows", str(windows), "--seq-len", "128", "--calib-samples", "64", "--data-dir", DATA_DIR,
                "--no-save-model", "--no-progress", "--device", "cpu", "--out", str(out), *mode["args"]]
     env = dict(os.environ, OMP_NUM_THREADS=str(mode["threads"]))
     started = time.perf_counter()

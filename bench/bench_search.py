@@ -67,7 +67,7 @@ def run_search(operator: str, target: float, budget: int, windows: int, seed: in
     `server` (llama.cpp) when given, under the model name `llm_name` (default smollm2), else in transformers."""
     out = RUNS / run_name(operator, target, budget, seed, gqa, model, llm_name)
     argv = ["search", "--model", model, "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
-            "--gqa-policy", gqa, "--criterion", criterion,
+            "--seq-len", "128", "--gqa-policy", gqa, "--criterion", criterion,
             "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
     if operator not in ("uniform", "owl"):
         argv += ["--budget", str(budget)]
