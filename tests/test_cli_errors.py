@@ -219,9 +219,23 @@ def test_shared_options_mean_the_same_everywhere():
             for opt in action.option_strings:
                 if opt in ("--out", "--help", "-h", "--model", "--seed", "--batch-size", "--overwrite"):
                     continue  # --out names a different kind of output per command; --model's help names its role
+                if name == "search" and opt == "--seq-len":
+                    continue  # the fitness window: its default comes from bench/results/fitness.md (checked below)
                 fact = (action.default, tuple(action.choices or ()), getattr(action.type, "__name__", None))
                 assert seen.setdefault(opt, fact) == fact, f"{opt} differs in {name}: {fact} vs {seen[opt]}"
     assert seen["--device"][0] == "auto" and seen["--calib-samples"][0] == 128
+    assert seen["--seq-len"][0] == 128  # the reported perplexity's window, as FLAP and LLM-Pruner report it
+
+
+def test_search_fitness_window_defaults_to_512_or_the_models_context(models, tmp_path):
+    """The fitness window is 512 tokens unless the model was built for fewer; a given --seq-len is kept."""
+    from selfprune.search.launch import build_config
+
+    parser = _all_parsers()["search"]
+    for extra, model, expected in (([], "default", 512), ([], models["good"], 256),
+                                   (["--seq-len", "64"], models["good"], 64)):
+        args = parser.parse_args(["--target", "0.3", "--operator", "uniform", "--model", str(model), *extra])
+        assert build_config(args)["fitness"]["seq_len"] == expected
 
 
 @pytest.mark.parametrize("argv", [["-v", "config"], ["config", "-v"]])

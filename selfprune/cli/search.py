@@ -10,7 +10,7 @@ from .common import (HelpFormatter, add_calibration_options, add_data_option, ad
 
 
 def register(sub, parents=()):
-    from ..search.fitness import DEFAULT_FITNESS_SEQ_LEN, DEFAULT_FITNESS_WINDOWS
+    from ..search.defaults import DEFAULT_FITNESS_SEQ_LEN, DEFAULT_FITNESS_WINDOWS
     from ..search.launch import (CANDIDATE_KINDS, DEFAULT_BUDGET, DEFAULT_CANDIDATES, DEFAULT_OFFSPRING,
                                  DEFAULT_POPULATION, DEFAULT_RESCORE_WINDOWS, OPERATORS)
     from ..search.llm_operator import DEFAULT_PROMPT_VERSION, PROMPT_VERSIONS
@@ -57,8 +57,9 @@ def register(sub, parents=()):
                    help="text scored during the search (always its validation split, never test)")
     g.add_argument("--fitness-windows", type=positive_int, default=DEFAULT_FITNESS_WINDOWS,
                    help="seq-len windows scored per candidate")
-    g.add_argument("--seq-len", type=positive_int, default=DEFAULT_FITNESS_SEQ_LEN,
-                   help="tokens per fitness window (longer windows rank candidates better for the same tokens: "
+    g.add_argument("--seq-len", type=positive_int, default=None,
+                   help=f"tokens per fitness window; if not given: {DEFAULT_FITNESS_SEQ_LEN}, or the model's context "
+                        "length when shorter (longer windows rank candidates better for the same tokens: "
                         "bench/results/fitness.md)")
     g.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     g.add_argument("--rescore-top", type=nonnegative_int, default=None,

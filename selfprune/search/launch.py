@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import SelfpruneError
 from ..io import atomic_write_json
+from .defaults import DEFAULT_FITNESS_SEQ_LEN
 from .parallel import require_ray
 from .runner import MODEL_DIR, SUMMARY, RunSettings, SearchProblem, SearchRunner, create_run_dir, size_population
 from .space import SearchSpace, parse_bounds
@@ -71,14 +72,23 @@ def _versions() -> dict:
     return versions
 
 
+def fitness_seq_len(model: str) -> int:
+    """The default fitness window, shortened for a model built for fewer tokens (its config says so)."""
+    from ..models import context_length
+
+    limit = context_length(model)
+    return DEFAULT_FITNESS_SEQ_LEN if limit is None else min(DEFAULT_FITNESS_SEQ_LEN, limit)
+
+
 def build_config(args) -> dict:
     """Validate the options (cheaply, before any model is loaded) and gather them into the run config."""
     if args.target is None:
         raise SelfpruneError("--target is required: pass the fraction of parameters to remove, e.g. --target 0.3")
     bounds = parse_bounds(args.bounds)
+    seq_len = args.seq_len if args.seq_len is not None else fitness_seq_len(args.model)
     SearchSpace([1.0], args.target, bounds)  # target and bounds errors now, not after loading the model
     for option, value, low in (("--population", args.population, 1), ("--offspring", args.offspring, 1),
-                               ("--fitness-windows", args.fitness_windows, 1), ("--seq-len", args.seq_len, 2),
+                               ("--fitness-windows", args.fitness_windows, 1), ("--seq-len", seq_len, 2),
                                ("--batch-size", args.batch_size, 1), ("--calib-samples", args.calib_samples, 1),
                                ("--calib-seq-len", args.calib_seq_len, 2),
                                ("--llm-retries", args.llm_retries, 0), ("--tournament", args.tournament, 1)):
@@ -132,7 +142,7 @@ def build_config(args) -> dict:
             "timeout": args.llm_timeout, "prompt_version": args.prompt_version,
         },
         "fitness": {"kind": args.fitness, "dataset": args.fitness_dataset, "split": "validation",
-                    "windows": args.fitness_windows, "seq_len": args.seq_len, "batch_size": args.batch_size},
+                    "windows": args.fitness_windows, "seq_len": seq_len, "batch_size": args.batch_size},
         "rescore": _rescore_settings(None, args),
         "recover": _recover_settings(None, args),
         "calibration": {"source": args.calib_dataset, "split": args.calib_split, "num_samples": args.calib_samples,
