@@ -227,7 +227,7 @@ def test_shared_options_mean_the_same_everywhere():
     assert seen["--seq-len"][0] == 128  # the reported perplexity's window, as FLAP and LLM-Pruner report it
 
 
-def test_search_fitness_window_defaults_to_512_or_the_models_context(models, tmp_path):
+def test_search_fitness_window_defaults_to_512_or_the_models_context(models):
     """The fitness window is 512 tokens unless the model was built for fewer; a given --seq-len is kept."""
     from selfprune.search.launch import build_config
 
