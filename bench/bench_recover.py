@@ -35,7 +35,10 @@ THREADS = None  # --threads: 1 on a CPU shared with other jobs (two threads spin
 
 
 def base_models() -> list[dict]:
-    """(name, rates) of every pruned starting point, in priority order."""
+    """(name, rates) of every pruned starting point, in priority order. A searched base is the run with the
+    best validation fitness at its rate, pinned once measured: its rates are kept in the results, so a later
+    search with a better score does not silently swap the model under rows trained from the earlier one."""
+    recorded = load_results()["bases"]
     searched = {}
     for path in sorted(RESULTS.glob("search*.json")):
         for row in json.loads(path.read_text())["rows"]:
@@ -47,9 +50,11 @@ def base_models() -> list[dict]:
     bases = []
     for target in (0.2, 0.5, 0.3):
         bases.append({"name": f"uniform {target:.0%}", "target": target, "rates": target, "gqa_policy": "group"})
-        row = searched.get(target)
-        if row:
-            bases.append({"name": f"searched {target:.0%}", "target": target, "rates": row["best_rates"],
+        name, row = f"searched {target:.0%}", searched.get(target)
+        if "rates" in recorded.get(name, {}):
+            bases.append({k: recorded[name][k] for k in ("name", "target", "rates", "gqa_policy", "from")})
+        elif row:
+            bases.append({"name": name, "target": target, "rates": row["best_rates"],
                           "gqa_policy": row.get("gqa_policy", "group"), "from": row["operator"]})
     return bases
 
@@ -78,6 +83,8 @@ def plan(bases: list[dict]) -> list[dict]:
     for lr in (3e-4, 1e-3):  # is the untuned default (1e-4) far off? Short runs beside the 20k-token row
         add("uniform 20%", "kd", False, 20_000, lr)
     add("uniform 20%", "kd", False, 100_000, 3e-4)  # the best of those, at the 0.1M budget
+    add("searched 20%", "kd", False, 100_000, 3e-4)  # does 3e-4 win on a second model too?
+    add("searched 50%", "kd", False, 100_000, 3e-4)  # the likeliest row to reach 190 at 50%
     add("uniform 50%", "kd", False, 500_000)
     add("searched 50%", "kd", False, 500_000)
     for base in ("uniform 50%", "uniform 30%", "searched 30%"):
@@ -345,8 +352,7 @@ def main() -> None:
         base = bases[row["base"]]
         student = ensure_pruned(base)
         if row["base"] not in results["bases"]:
-            results["bases"][row["base"]] = {k: v for k, v in base.items() if k != "rates"} | {
-                "ppl": wikitext_ppl(student)["ppl"]}
+            results["bases"][row["base"]] = base | {"ppl": wikitext_ppl(student)["ppl"]}
             save(results)
         run = train(row, student)
         from selfprune.pruned_format import read_report

@@ -22,6 +22,9 @@ The committed results came from (parallel runs write their own --name, then --me
     python bench/bench_search.py --fitness-windows 6 --name search-seeds --rates 0.2,0.5 --seeds 0,1,2 \
         --operators llm-random --llm-retries 0
     python bench/bench_search.py --fitness-windows 6 --merge search-seeds
+    # the LLM operator with the v3 prompts (replies usable by construction), seeds 0-2:
+    python bench/bench_search.py --fitness-windows 6 --operators llm --llm-server --llm-threads 1 --llm-retries 0 \
+        --rates 0.2 --seeds 0,1,2 --name search-llm-v3
 
 `--regenerate` rebuilds a results file and its table from the stored rows alone (no run, no model): it is how
 the committed files got the LLM's duplicate replies under one counter, "duplicates" (the runs had counted them
@@ -49,6 +52,7 @@ from common import DATA_DIR, RESULTS, serve_gguf, versions, write_results
 from selfprune.cli import main as cli
 from selfprune.models import load_model
 from selfprune.perplexity import PerplexityEvaluator
+from selfprune.search.llm_operator import DEFAULT_PROMPT_VERSION
 from selfprune.search.runner import fold_llm_counts
 
 RUNS = Path(__file__).resolve().parent / "runs"
@@ -56,6 +60,10 @@ RUNS = Path(__file__).resolve().parent / "runs"
 
 def run_name(operator: str, target: float, budget: int, seed: int, gqa: str, model: str = "default",
              llm_name: str | None = None) -> str:
+    """The run's folder. LLM runs name their prompt version: the committed v2 runs (llm-t0.2-b100-s0, ...)
+    would otherwise share a folder name, and a results row, with the v3 runs of the same seed."""
+    if operator == "llm" and DEFAULT_PROMPT_VERSION != "v2":
+        operator += f"-{DEFAULT_PROMPT_VERSION}"
     return (("" if model == "default" else f"{model}-") + operator + (f"-by-{llm_name}" if llm_name else "")
             + f"-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}"))
 

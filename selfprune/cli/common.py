@@ -228,14 +228,14 @@ def check_model(spec: str, lengths: dict[str, int] | None = None) -> dict:
     ``lengths`` (option -> tokens) fits its context. Returns the config (empty when it cannot be read
     here, e.g. a hub id offline: loading then reports the problem)."""
     from ..adapters import SUPPORTED_FAMILIES
-    from ..models import context_length, model_config_dict
+    from ..models import config_context_length, model_config_dict
 
     config = model_config_dict(spec) or {}
     model_type = config.get("model_type")
     if model_type is not None and model_type not in SUPPORTED_FAMILIES:
         raise SelfpruneError(f"unsupported architecture {model_type!r} in {spec}: selfprune supports "
                              f"{', '.join(SUPPORTED_FAMILIES)}")
-    limit = context_length(spec) if config else None
+    limit = config_context_length(config)
     for opt, tokens in (lengths or {}).items():
         if limit is not None and tokens > limit:
             raise SelfpruneError(f"{opt} {tokens} exceeds the model's context length {limit}: use {limit} or less")

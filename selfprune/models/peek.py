@@ -42,7 +42,12 @@ def _gguf_config(path: Path) -> dict | None:
 
 def context_length(spec: str | None) -> int | None:
     """The longest sequence the model was built for, or None when its config does not say."""
-    config = model_config_dict(spec) or {}
+    return config_context_length(model_config_dict(spec))
+
+
+def config_context_length(config: dict | None) -> int | None:
+    """context_length from a config already read (a hub id offline is then not asked twice)."""
+    config = config or {}
     config = config.get("text_config", config)
     for key in CONTEXT_KEYS:
         if isinstance(config.get(key), int) and config[key] > 0:
