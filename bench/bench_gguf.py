@@ -11,7 +11,9 @@ multiples of 64 in the first place (``mlp_multiple=64``).
     python bench/bench_gguf.py --outtypes q8_0 --models dense,uniform-0.5   # a subset (merged into gguf.json)
 
 Pruning: FLAP, C4 calibration 64 x 128 seed 0 (the search runs' setting), each searched allocation with its own
-run's GQA policy; searched rates are the run with the best validation fitness per target in results/search*.json.
+run's GQA policy; searched rates are the run with the best validation fitness per target in results/search*.json,
+pinned once measured (gguf.json keeps them, so a later, better search does not change the model under committed
+rows; delete a model's entry under "specs" there to take the newest best).
 The machine is shared: the load average is recorded before and after every timing.
 """
 from __future__ import annotations
@@ -45,12 +47,16 @@ def searched_row(target: float) -> dict | None:
 
 
 def model_specs() -> dict[str, dict]:
+    committed = RESULTS / "gguf.json"
+    pinned = json.loads(committed.read_text()).get("specs", {}) if committed.exists() else {}
     specs = {"dense": {"rates": None}}
     for target in TARGETS:
         specs[f"uniform-{target}"] = {"rates": target, "policy": "group", "mlp_multiple": 1, "source": "uniform FLAP",
                                       "ffn_multiple": DEFAULT_FFN_MULTIPLE}
         row = searched_row(target)
-        if row:
+        if isinstance(pinned.get(f"searched-{target}", {}).get("rates"), list):
+            specs[f"searched-{target}"] = pinned[f"searched-{target}"]
+        elif row:
             specs[f"searched-{target}"] = {"rates": row["best_rates"], "policy": row.get("gqa_policy", "group"),
                                            "mlp_multiple": 1, "source": f"{row['operator']} (budget {row['budget']})",
                                            "ffn_multiple": DEFAULT_FFN_MULTIPLE}

@@ -52,7 +52,7 @@ def register(sub, parents=()):
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--learning-rate", "--lr", type=positive_float, default=None,
-                   help="peak AdamW learning rate; if not given, 1e-4 for full fine-tuning, 5e-4 with LoRA")
+                   help="peak AdamW learning rate; if not given, 3e-4 for full fine-tuning, 5e-4 with LoRA")
     p.add_argument("--warmup-ratio", type=nonnegative_float, default=0.05, help="share of steps with linear warm-up")
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping norm")
