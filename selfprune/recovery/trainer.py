@@ -38,7 +38,8 @@ LOG_FILE = "log.jsonl"
 
 
 # Full fine-tuning: 3e-4 beat the first default, 1e-4, in every pair bench_recover.py ran (one run each: uniform
-# 20% on 20k and 0.1M tokens, searched 20% on 0.1M; 1e-3 was worse than both). LoRA's 5e-4 is untuned.
+# 20% on 20k and 0.1M tokens, searched 20% and uniform 50% on 0.1M; 1e-3 was worse than both). LoRA's 5e-4 is
+# untuned.
 DEFAULT_LEARNING_RATE = {"full": 3e-4, "lora": 5e-4}
 
 
