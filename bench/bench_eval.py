@@ -12,7 +12,7 @@ import argparse
 import json
 import time
 
-from common import DATA_DIR, RESULTS, versions, write_results
+from common import DATA_DIR, RESULTS, best_searched_row, versions, write_results
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.evaluation.speed import compare_speed
@@ -23,12 +23,8 @@ from selfprune.pruning import Pruner
 
 
 def best_searched_rates(target: float) -> tuple[list[float], str] | None:
-    rows = [r for path in sorted(RESULTS.glob("search*.json")) for r in json.loads(path.read_text())["rows"]
-            if r["target"] == target and r["operator"] != "uniform"]
-    if not rows:
-        return None
-    best = min(rows, key=lambda r: r["best_fitness_valid_ppl"])  # chosen on validation, not on test
-    return best["best_rates"], f"{best['operator']} (budget {best['budget']})"
+    best = best_searched_row(target)  # chosen on validation, not on test
+    return (best["best_rates"], f"{best['operator']} (budget {best['budget']})") if best else None
 
 
 def main() -> None:

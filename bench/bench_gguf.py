@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from common import DATA_DIR, RESULTS, versions
+from common import DATA_DIR, RESULTS, best_searched_row, versions
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.data import load_text, token_windows
@@ -39,13 +39,6 @@ TARGETS = (0.2, 0.3, 0.5)
 WORK = Path(os.environ.get("SELFPRUNE_GGUF_WORK", "/tmp/selfprune-gguf-bench"))
 
 
-def searched_row(target: float) -> dict | None:
-    """The search run with the best validation fitness at ``target`` (never chosen on test)."""
-    rows = [r for path in sorted(RESULTS.glob("search*.json")) for r in json.loads(path.read_text())["rows"]
-            if r["target"] == target and r["operator"] != "uniform"]
-    return min(rows, key=lambda r: r["best_fitness_valid_ppl"]) if rows else None
-
-
 def model_specs() -> dict[str, dict]:
     committed = RESULTS / "gguf.json"
     pinned = json.loads(committed.read_text()).get("specs", {}) if committed.exists() else {}
@@ -53,7 +46,7 @@ def model_specs() -> dict[str, dict]:
     for target in TARGETS:
         specs[f"uniform-{target}"] = {"rates": target, "policy": "group", "mlp_multiple": 1, "source": "uniform FLAP",
                                       "ffn_multiple": DEFAULT_FFN_MULTIPLE}
-        row = searched_row(target)
+        row = best_searched_row(target)
         if isinstance(pinned.get(f"searched-{target}", {}).get("rates"), list):
             specs[f"searched-{target}"] = pinned[f"searched-{target}"]
         elif row:

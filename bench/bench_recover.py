@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DATA_DIR, RESULTS, versions
+from common import DATA_DIR, RESULTS, best_searched_row, versions
 
 from selfprune.io import atomic_write_json, atomic_write_text
 
@@ -43,21 +43,13 @@ def base_models() -> list[dict]:
     best validation fitness at its rate, pinned once measured: its rates are kept in the results, so a later
     search with a better score does not silently swap the model under rows trained from the earlier one."""
     recorded = load_results()["bases"]
-    searched = {}
-    for path in sorted(RESULTS.glob("search*.json")):
-        for row in json.loads(path.read_text())["rows"]:
-            if row["operator"] == "uniform":
-                continue
-            best = searched.get(row["target"])
-            if best is None or row["best_fitness_valid_ppl"] < best["best_fitness_valid_ppl"]:
-                searched[row["target"]] = row  # chosen on validation, never on test
     bases = []
     for target in (0.2, 0.5, 0.3):
         bases.append({"name": f"uniform {target:.0%}", "target": target, "rates": target, "gqa_policy": "group"})
-        name, row = f"searched {target:.0%}", searched.get(target)
+        name = f"searched {target:.0%}"
         if "rates" in recorded.get(name, {}):
             bases.append({k: recorded[name][k] for k in ("name", "target", "rates", "gqa_policy", "from")})
-        elif row:
+        elif row := best_searched_row(target):
             bases.append({"name": name, "target": target, "rates": row["best_rates"],
                           "gqa_policy": row.get("gqa_policy", "group"), "from": row["operator"]})
     return bases

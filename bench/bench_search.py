@@ -63,7 +63,7 @@ def run_name(operator: str, target: float, budget: int, seed: int, gqa: str, mod
              llm_name: str | None = None) -> str:
     """The run's folder. LLM runs name their prompt version: the committed v2 runs (llm-t0.2-b100-s0, ...)
     would otherwise share a folder name, and a results row, with the v3 runs of the same seed."""
-    if operator == "llm" and DEFAULT_PROMPT_VERSION != "v2":
+    if operator == "llm":
         operator += f"-{DEFAULT_PROMPT_VERSION}"
     return (("" if model == "default" else f"{model}-") + operator + (f"-by-{llm_name}" if llm_name else "")
             + f"-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}"))

@@ -45,3 +45,11 @@ def write_results(name: str, data: dict, table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table + "\n")
     print(table)
+
+
+def best_searched_row(target: float) -> dict | None:
+    """The search run with the best validation fitness at ``target`` in results/search*.json (never chosen on
+    test): the "searched" model of every benchmark that compares against uniform."""
+    rows = [r for path in sorted(RESULTS.glob("search*.json")) for r in json.loads(path.read_text())["rows"]
+            if r["target"] == target and r["operator"] != "uniform"]
+    return min(rows, key=lambda r: r["best_fitness_valid_ppl"]) if rows else None
