@@ -279,9 +279,14 @@ def load_model(spec: str | None = "default", dtype: str = "float32", device: str
         else:
             model = _from_pretrained(AutoModelForCausalLM, str(path), dtype_object, placement)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    else:
-        model = _from_pretrained(AutoModelForCausalLM, location, dtype_object, placement)
-        tokenizer = AutoTokenizer.from_pretrained(location)
+    else:  # a hub id; offline, only huggingface_hub's local cache is asked (no minutes of retried requests)
+        from ..data import hub_reachable
+
+        offline = {} if hub_reachable() else {"local_files_only": True}
+        # (transformers' auto class looks for a peft adapter without passing local_files_only on: given twice)
+        model = _from_pretrained(AutoModelForCausalLM, location, dtype_object,
+                                 placement | offline | ({"adapter_kwargs": offline} if offline else {}))
+        tokenizer = AutoTokenizer.from_pretrained(location, **offline)
     if device_map is None:
         model = model.to(device)
     model.eval()

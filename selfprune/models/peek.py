@@ -20,10 +20,12 @@ def model_config_dict(spec: str | None) -> dict | None:
             return json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-    try:  # a hub id: the config is small and cached by huggingface_hub
+    try:  # a hub id: the config is small and cached by huggingface_hub; offline, only that cache is asked
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(location).to_dict()
+        from ..data import hub_reachable
+
+        return AutoConfig.from_pretrained(location, local_files_only=not hub_reachable()).to_dict()
     except Exception:  # offline or unknown id: load_model reports it properly
         return None
 
