@@ -10,6 +10,9 @@ tasks (``--limit`` items each) for dense, uniform 20%, searched 20% and their re
 Two 20k-token rows at lr 3e-4 and 1e-3 check how far the first default (1e-4, full fine-tuning) is off, and
 0.1M-token rows repeat the better one at the budget of the main rows (uniform and searched 20%, and both 50%
 bases); they made 3e-4 the library's default. Rows without an lr keep 1e-4 (``ROW_DEFAULT_LR``).
+At that default: both 30% bases on 0.1M tokens, and the later v3 search's better 20% allocation
+(``LATER_SEARCHED_BASES``, its own row name beside the pinned ``searched 20%``) on 0.2M and 0.5M, toward the
+20% target.
 
     nice python bench/bench_recover.py [--only 'uniform 20%'] [--max-rows N] [--tasks --limit 500]
     nice python bench/bench_recover.py --tasks-only --only 'searched 20%' --threads 1
@@ -35,6 +38,9 @@ LORA_RANK = 16
 # Rows without an lr of their own were trained at the library's first defaults; pinned so that they are rebuilt
 # (--rebuild) as they were made, whatever the library's default is now.
 ROW_DEFAULT_LR = {"full": 1e-4, "lora": 5e-4}
+# Starting points from a later search than the one "searched N%" was pinned from, each named after its run
+# (the run with the best validation fitness at its rate when it was added), so both stay comparable.
+LATER_SEARCHED_BASES = {"searched 20% v3": "runs/llm-v3-t0.2-b100-s2"}
 THREADS = None  # --threads: 1 on a CPU shared with other jobs (two threads spin against them)
 
 
@@ -43,16 +49,29 @@ def base_models() -> list[dict]:
     best validation fitness at its rate, pinned once measured: its rates are kept in the results, so a later
     search with a better score does not silently swap the model under rows trained from the earlier one."""
     recorded = load_results()["bases"]
+
+    def searched(name: str, row: dict | None, source: str | None) -> list[dict]:
+        if "rates" in recorded.get(name, {}):
+            return [{k: recorded[name][k] for k in ("name", "target", "rates", "gqa_policy", "from")}]
+        return [{"name": name, "target": row["target"], "rates": row["best_rates"],
+                 "gqa_policy": row.get("gqa_policy", "group"), "from": source}] if row else []
+
     bases = []
     for target in (0.2, 0.5, 0.3):
         bases.append({"name": f"uniform {target:.0%}", "target": target, "rates": target, "gqa_policy": "group"})
-        name = f"searched {target:.0%}"
-        if "rates" in recorded.get(name, {}):
-            bases.append({k: recorded[name][k] for k in ("name", "target", "rates", "gqa_policy", "from")})
-        elif row := best_searched_row(target):
-            bases.append({"name": name, "target": target, "rates": row["best_rates"],
-                          "gqa_policy": row.get("gqa_policy", "group"), "from": row["operator"]})
+        row = best_searched_row(target)
+        bases += searched(f"searched {target:.0%}", row, row and row["operator"])
+    for name, run_dir in LATER_SEARCHED_BASES.items():
+        row = searched_row(run_dir)
+        bases += searched(name, row, row and f"{row['operator']}, {run_dir}")
     return bases
+
+
+def searched_row(run_dir: str) -> dict | None:
+    """The committed search result of one named run (results/search*.json)."""
+    rows = [r for path in sorted(RESULTS.glob("search*.json")) for r in json.loads(path.read_text())["rows"]
+            if r.get("run_dir") == run_dir]
+    return rows[0] if rows else None
 
 
 def plan(bases: list[dict]) -> list[dict]:
@@ -82,12 +101,16 @@ def plan(bases: list[dict]) -> list[dict]:
     add("searched 20%", "kd", False, 100_000, 3e-4)  # does 3e-4 win on a second model too?
     add("searched 50%", "kd", False, 100_000, 3e-4)  # the likeliest row to reach 190 at 50%
     add("uniform 50%", "kd", False, 100_000, 3e-4)  # beside it: how much of that is the search, how much the lr
+    add("searched 20% v3", "kd", False, 200_000, 3e-4)  # 97.29 before training, against 113.82: toward 76
+    add("searched 20% v3", "kd", False, 500_000, 3e-4)  # 0.2M gave 79.59; ~4% per doubling of tokens: 76
     add("uniform 50%", "kd", False, 500_000)
     add("searched 50%", "kd", False, 500_000)
     for base in ("uniform 50%", "uniform 30%", "searched 30%"):
         add(base, "kd", True, 100_000)
     add("uniform 30%", "kd", False, 100_000)
     add("searched 30%", "kd", False, 100_000)
+    for base in ("uniform 30%", "searched 30%"):  # the third rate at the recipe a user should start with
+        add(base, "kd", False, 100_000, 3e-4)
     for row in rows:
         row["name"] = f"{row['base']} {row['method']} {'lora' if row['lora'] else 'full'} {row['tokens'] / 1e6:g}M"
         row["name"] += f" lr {lr_text(row['lr'])}" if row["lr"] else ""
@@ -221,6 +244,10 @@ def table(results: dict) -> str:
                      f"| {base['ppl']:.2f} | {row['ppl']:.2f} | {s['initial']['heldout_lm_loss']:.3f} -> "
                      f"{s['final']['heldout_lm_loss']:.3f} | {kl} | {s['train_seconds']:.0f} | "
                      f"{s['tokens'] / s['train_seconds']:.0f} | {row['peak_rss_mb']:.0f} |")
+    searched = [f"{name}: {base['from']}" for name, base in results["bases"].items() if base.get("from")]
+    if searched:
+        lines += ["", "Searched starting points (each the run with the best validation fitness at its rate when "
+                      "it was first trained from, then pinned): " + "; ".join(searched) + "."]
     rebuilt = [f"{name} {row['ppl']:.2f} then {row['rebuilt']['ppl']:.2f}" for name, row in results["rows"].items()
                if "rebuilt" in row]
     if rebuilt:

@@ -53,18 +53,26 @@ _HUB_STATE: dict = {}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be reached: decided once per process, in at most ``timeout`` seconds."""
+    """Whether the Hugging Face hub can be reached: decided once per process, in at most ``timeout`` seconds.
+    The hub is ``HF_ENDPOINT`` where the user set one (a mirror), as huggingface_hub has it."""
     if "reachable" not in _HUB_STATE:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
             _HUB_STATE["reachable"] = False
         else:
             import socket
+            from urllib.parse import urlsplit
 
+            endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
             try:
-                socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+                port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+                socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
                 _HUB_STATE["reachable"] = True
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a malformed port in HF_ENDPOINT
                 _HUB_STATE["reachable"] = False
+    if not _HUB_STATE["reachable"]:  # huggingface_hub's own requests too (its user-agent's registry fetch,
+        from huggingface_hub import constants  # 3 s each time): its offline mode, for this process
+
+        constants.HF_HUB_OFFLINE = True
     return _HUB_STATE["reachable"]
 
 
