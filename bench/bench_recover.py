@@ -5,8 +5,9 @@ Rows run in priority order (20% uniform FLAP first) and the script is resumable:
 a killed training run is continued with ``selfprune recover --resume``, and results are written after every
 row. Each training run is a ``selfprune recover`` subprocess (peak RSS from its rusage); perplexity is
 WikiText-2 test, 80 windows of 128 tokens, like every other table here. ``--tasks`` adds the seven commonsense
-tasks (``--limit`` items each) for dense, uniform 20%, searched 20% and their recovered versions
-(``--tasks-only`` skips training; ``--rebuild`` trains a finished row again when its model folder is gone).
+tasks (``--limit`` items each) for dense, uniform 20%, searched 20%, their recovered versions and those of
+``searched 20% v3`` (``--tasks-only`` skips training; ``--rebuild`` trains a finished row again when its model
+folder is gone).
 Two 20k-token rows at lr 3e-4 and 1e-3 check how far the first default (1e-4, full fine-tuning) is off, and
 0.1M-token rows repeat the better one at the budget of the main rows (uniform and searched 20%, and both 50%
 bases); they made 3e-4 the library's default. Rows without an lr keep 1e-4 (``ROW_DEFAULT_LR``).
@@ -324,14 +325,15 @@ def zero_shot(name: str, model_dir, limit: int) -> None:
 
 
 def task_models(results: dict, bases: dict) -> list[tuple[str, Path]]:
-    """Dense, uniform 20%, searched 20%, then each one's full-parameter recoveries, in that order."""
+    """Dense, uniform 20%, searched 20%, then each one's full-parameter recoveries (and the later searched
+    bases'), in that order."""
     from selfprune.models import resolve_model_spec
 
     models = [("dense", Path(resolve_model_spec("default")))]
     for base in ("uniform 20%", "searched 20%"):
         if base in bases:
             models.append((base, pruned_dir(base)))
-    for base in ("uniform 20%", "searched 20%"):
+    for base in ("uniform 20%", "searched 20%", *LATER_SEARCHED_BASES):
         for name, row in results["rows"].items():
             if row["base"] == base and not row["lora"] and row["tokens"] >= 100_000:
                 models.append((name, recovered_dir(name)))
