@@ -24,7 +24,7 @@ The committed results came from (parallel runs write their own --name, then --me
     python bench/bench_search.py --fitness-windows 6 --merge search-seeds
     # the LLM operator with the v3 prompts (replies usable by construction), seeds 0-2 at 20% and 50%:
     python bench/bench_search.py --fitness-windows 6 --operators llm --llm-server --llm-threads 1 --llm-retries 0 \
-        --rates 0.2 --seeds 0,1,2 --name search-llm-v3     # likewise --rates 0.5, and --rates 0.3 --seeds 0
+        --rates 0.2 --seeds 0,1,2 --name search-llm-v3     # likewise --rates 0.5 and 0.3
     python bench/bench_search.py --fitness-windows 6 --merge search-llm-v3
 
 `--regenerate` rebuilds a results file and its table from the stored rows alone (no run, no model): it is how
