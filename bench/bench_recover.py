@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DATA_DIR, RESULTS, best_searched_row, versions
+from common import DATA_DIR, RESULTS, best_searched_row, search_rows, versions
 
 from selfprune.io import atomic_write_json, atomic_write_text
 
@@ -70,9 +70,7 @@ def base_models() -> list[dict]:
 
 def searched_row(run_dir: str) -> dict | None:
     """The committed search result of one named run (results/search*.json)."""
-    rows = [r for path in sorted(RESULTS.glob("search*.json")) for r in json.loads(path.read_text())["rows"]
-            if r.get("run_dir") == run_dir]
-    return rows[0] if rows else None
+    return next((row for row in search_rows() if row.get("run_dir") == run_dir), None)
 
 
 def plan(bases: list[dict]) -> list[dict]:

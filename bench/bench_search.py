@@ -48,7 +48,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import DATA_DIR, RESULTS, serve_gguf, versions, write_results
+from common import DATA_DIR, RESULTS, search_rows, serve_gguf, versions, write_results
 
 from selfprune.cli import main as cli
 from selfprune.models import load_model
@@ -216,9 +216,8 @@ def regenerate(name: str) -> None:
     rows = data["rows"]
     # a parallel run's file may lack the fields that --merge added (from the run folders) to its merged copy
     merged = {}
-    for path in sorted(RESULTS.glob("search*.json")):
-        for row in json.loads(path.read_text())["rows"]:
-            merged.setdefault(row["run_dir"], {}).update(row)
+    for row in search_rows():
+        merged.setdefault(row["run_dir"], {}).update(row)
     for row in rows:
         if row.get("llm"):
             row["llm"] = fold_llm_counts(row["llm"])

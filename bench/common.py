@@ -47,9 +47,14 @@ def write_results(name: str, data: dict, table: str) -> None:
     print(table)
 
 
+def search_rows() -> list[dict]:
+    """Every committed search run's row in results/search*.json, file by file (a merged run appears in its own
+    file and in the one it was merged into)."""
+    return [row for path in sorted(RESULTS.glob("search*.json")) for row in json.loads(path.read_text())["rows"]]
+
+
 def best_searched_row(target: float) -> dict | None:
     """The search run with the best validation fitness at ``target`` in results/search*.json (never chosen on
     test): the "searched" model of every benchmark that compares against uniform."""
-    rows = [r for path in sorted(RESULTS.glob("search*.json")) for r in json.loads(path.read_text())["rows"]
-            if r["target"] == target and r["operator"] != "uniform"]
+    rows = [r for r in search_rows() if r["target"] == target and r["operator"] != "uniform"]
     return min(rows, key=lambda r: r["best_fitness_valid_ppl"]) if rows else None

@@ -112,13 +112,18 @@ def test_an_unknown_hub_id_fails_at_once_while_the_hub_is_unreachable(hub_cache,
 
 
 def test_the_hub_probe_asks_the_users_endpoint(counting_hub, monkeypatch):
-    """HF_ENDPOINT (a mirror) is what is probed: a listening endpoint is reachable, a closed port is not."""
+    """HF_ENDPOINT (a mirror) is what is probed: a listening endpoint is reachable, a closed port is not, and
+    then huggingface_hub is put offline (restored after this test, which runs inside the test process)."""
+    from huggingface_hub import constants
+
     from selfprune import data
 
     endpoint, _ = counting_hub
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for url, reachable in ((endpoint, True), (f"http://127.0.0.1:{_closed_port()}", False)):
         monkeypatch.setenv("HF_ENDPOINT", url)
         monkeypatch.setattr(data, "_HUB_STATE", {})
         assert data.hub_reachable() is reachable
+        assert constants.HF_HUB_OFFLINE is not reachable
