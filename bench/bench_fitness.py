@@ -18,6 +18,11 @@ committed with the results, so a killed run continues on any machine and the ana
 result files are rewritten after every candidate.
 
     nice python bench/bench_fitness.py [--candidates 40] [--targets 0.2,0.5] [--threads 2]
+
+The candidate list grows as search results are added (every run's best and its neighbours), so a later run with the
+same ``--candidates`` adds the candidates of the current list not yet journaled (matched by the pruned shapes they
+build). The committed journal: ``--candidates 40`` at 50% and ``--candidates 60`` at 20% (stopped after 38), then,
+after the ``v3`` LLM runs, ``--targets 0.2 --candidates 44`` and ``--targets 0.5 --candidates 33`` (``--threads 1``).
 """
 from __future__ import annotations
 
@@ -96,11 +101,17 @@ def candidates(space: SearchSpace, pruner: Pruner, target: float, count: int) ->
             out.append({"source": "random", "rates": random_rates(space, rng)})
     seen, unique = set(), []
     for cand in out:  # one model per per-layer shape
-        key = tuple((p.num_heads, p.num_kv_heads, p.width) for p in pruner.plan(cand["rates"]))
+        key = shape_key(pruner, cand["rates"])
         if key not in seen:
             seen.add(key)
             unique.append(cand | {"rates": [float(r) for r in cand["rates"]]})
     return unique[:count]
+
+
+def shape_key(pruner: Pruner, rates) -> tuple:
+    """What identifies a candidate: the per-layer shapes it builds (OWL rates computed with another thread count
+    differ in the last bit and build the same model)."""
+    return tuple((p.num_heads, p.num_kv_heads, p.width) for p in pruner.plan(rates))
 
 
 class Passes:
@@ -235,9 +246,9 @@ def main() -> None:
         passes = Passes(model, tokenizer)
         for target in (float(t) for t in args.targets.split(",")):
             space = SearchSpace(pruner.layer_params, target, DEFAULT_BOUNDS)
-            have = {(r["target"], tuple(r["rates"])) for r in done}
+            have = {shape_key(pruner, r["rates"]) for r in done if r["target"] == target}
             for i, cand in enumerate(candidates(space, pruner, target, args.candidates)):
-                if (target, tuple(cand["rates"])) in have:
+                if shape_key(pruner, cand["rates"]) in have:
                     continue
                 pruned, report = pruner.build(cand["rates"])
                 record = {"target": target, **cand, "achieved_rate": report.achieved_rate,

@@ -27,7 +27,7 @@ SEED_HEURISTICS = ("uniform", "owl")
 # Self-Pruner's setting: population 30 + 20 iterations x (10 crossovers + 10 mutations).
 DEFAULT_BUDGET = 430
 DEFAULT_POPULATION = 30
-DEFAULT_RESCORE_WINDOWS = 16  # of the fitness seq-len: 16 x 512 picked the best candidate at 20% and 50%
+DEFAULT_RESCORE_WINDOWS = 16  # of the fitness seq-len: 16 x 512 ranks the 20% near-best best (fitness.md)
 DEFAULT_OFFSPRING = 20
 DEFAULT_WORKERS = 1
 DEFAULT_WORKER_THREADS = 1
