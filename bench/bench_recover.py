@@ -110,6 +110,7 @@ def plan(bases: list[dict]) -> list[dict]:
     add("searched 30%", "kd", False, 100_000)
     for base in ("uniform 30%", "searched 30%"):  # the third rate at the recipe a user should start with
         add(base, "kd", False, 100_000, 3e-4)
+    add("searched 20%", "lm", False, 100_000, 3e-4)  # KD vs LM at the default lr, on a searched model
     for row in rows:
         row["name"] = f"{row['base']} {row['method']} {'lora' if row['lora'] else 'full'} {row['tokens'] / 1e6:g}M"
         row["name"] += f" lr {lr_text(row['lr'])}" if row["lr"] else ""
