@@ -22,7 +22,9 @@ result files are rewritten after every candidate.
 The candidate list grows as search results are added (every run's best and its neighbours), so a later run with the
 same ``--candidates`` adds the candidates of the current list not yet journaled (matched by the pruned shapes they
 build). The committed journal: ``--candidates 40`` at 50% and ``--candidates 60`` at 20% (stopped after 38), then,
-after the ``v3`` LLM runs, ``--targets 0.2 --candidates 44`` and ``--targets 0.5 --candidates 33`` (``--threads 1``).
+after the ``v3`` LLM runs, ``--targets 0.2 --candidates 44`` and ``--targets 0.5 --candidates 33``, then
+``--targets 0.2 --candidates 100`` and ``--targets 0.5 --candidates 100`` (``--threads 1``, the two rates in two
+processes side by side: each rewrites the result files from its own records, so ``--analyse-only`` after both).
 """
 from __future__ import annotations
 
@@ -60,6 +62,9 @@ STAGED = (("ppl", "wt2-val-128", 6, 32), ("ppl", "wt2-val-128", 16, 64), ("kl", 
           ("kl", "c4-val-128", 16, 64), ("ppl", "wt2-val-512", 2, 8), ("ppl", "wt2-val-512", 4, 16))
 OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2)
 BATCH = 8
+# Uncertainty of the study itself: resamples of the candidates (for the Spearman interval) and random draws of which
+# windows a fitness uses (for how often a setting's pick is the best candidate); seeded, so the tables are reproducible.
+BOOTSTRAP, WINDOW_DRAWS, SEED = 1000, 200, 0
 
 
 def spearman(a, b) -> float:
@@ -75,6 +80,37 @@ def spearman(a, b) -> float:
         return r
     ra, rb = ranks(a), ranks(b)
     return float(np.corrcoef(ra, rb)[0, 1]) if len(ra) > 2 else float("nan")
+
+
+def spearman_interval(a, b, rng, resamples: int = BOOTSTRAP) -> list[float]:
+    """95% percentile bootstrap interval of Spearman's rho over the candidates: how far the study's own choice of
+    candidates moves the correlation."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    draws = [spearman(a[i], b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(resamples))]
+    return [float(q) for q in np.nanpercentile(draws, [2.5, 97.5])]
+
+
+def window_draws(per_window: np.ndarray, test: np.ndarray, k: int, rng, few: int | None = None,
+                 draws: int = WINDOW_DRAWS) -> dict | None:
+    """Pick the candidate with the lowest mean over ``k`` windows drawn at random (without replacement) from the
+    pass, ``draws`` times: the share of draws whose pick is the best candidate on test, and the mean regret. A fixed
+    window set is one draw of many; this says whether a setting's pick is robust or luck. With ``few``, staged
+    selection: all candidates on the first ``few`` of the drawn windows, the best quarter on all ``k``. None where
+    ``k`` is every window of the pass and nothing else varies (no other draw exists)."""
+    total = per_window.shape[1]
+    if k >= total and few is None:
+        return None
+    best, regrets = test.min(), []
+    for _ in range(draws):
+        idx = rng.choice(total, size=k, replace=False)
+        if few is None:
+            pick = int(np.argmin(per_window[:, idx].mean(1)))
+        else:
+            keep = np.argsort(per_window[:, idx[:few]].mean(1), kind="stable")[: max(1, len(test) // 4)]
+            pick = int(keep[np.argmin(per_window[keep][:, idx].mean(1))])
+        regrets.append(test[pick] - best)
+    regrets = np.array(regrets)
+    return {"draws": draws, "picks_best": float(np.mean(regrets == 0)), "mean_regret": float(regrets.mean())}
 
 
 def candidates(space: SearchSpace, pruner: Pruner, target: float, count: int) -> list[dict]:
@@ -164,6 +200,10 @@ def analyse(records: list[dict]) -> dict:
         # correlate overall, so the correlation is also reported over the better half by test perplexity.
         top = test <= np.median(test)
         rows = []
+        rng = np.random.default_rng(SEED)
+
+        def window_matrix(label):
+            return np.array([r["passes"][label]["per_window"] for r in recs])
 
         def value(rec, kind, label, k):
             windows = rec["passes"][label]["per_window"][:k]
@@ -180,8 +220,9 @@ def analyse(records: list[dict]) -> dict:
             tokens, seconds = cost(label, k)
             rows.append({"fitness": kind, "data": label, "windows": k, "tokens": tokens, "seconds_per_eval": seconds,
                          "spearman": spearman(scores, test), "spearman_best_half": spearman(scores[top], test[top]),
-                         "picked_test_ppl": float(test[pick]),
-                         "regret": float(test[pick] - best_test)})
+                         "spearman_best_half_ci95": spearman_interval(scores[top], test[top], rng),
+                         "picked_test_ppl": float(test[pick]), "regret": float(test[pick] - best_test),
+                         "window_draws": window_draws(window_matrix(label), test, k, rng)})
         for kind, label, few, many in STAGED:
             cheap = np.array([value(r, kind, label, few) for r in recs])
             keep = np.argsort(cheap)[: max(1, len(recs) // 4)]
@@ -193,7 +234,8 @@ def analyse(records: list[dict]) -> dict:
             rows.append({"fitness": f"{kind} staged", "data": label, "windows": f"{few} -> {many} (top {len(keep)})",
                          "tokens": t_few + t_many * len(keep) / n, "seconds_per_eval": s_few + s_many * len(keep) / n,
                          "spearman": None, "spearman_best_half": None, "picked_test_ppl": float(test[pick]),
-                         "regret": float(test[pick] - best_test)})
+                         "regret": float(test[pick] - best_test),
+                         "window_draws": window_draws(window_matrix(label), test, many, rng, few=few)})
         analysis[str(target)] = {"candidates": len(recs), "best_half": int(top.sum()), "best_test_ppl": best_test,
                                  "test_ppl_range": [float(test.min()), float(test.max())], "settings": rows}
     return analysis
@@ -209,7 +251,10 @@ def table(data: dict) -> str:
              "perplexity over the candidates (1 = same order); best half: the same over the candidates whose test "
              "perplexity is at most the median (the near-best ones a search must tell apart; a wide test range makes "
              "every fitness correlate overall). Regret: test perplexity of the candidate the fitness picks minus the "
-             "best test perplexity among the candidates. "
+             "best test perplexity among the candidates. 95% CI: percentile bootstrap over the candidates "
+             f"({BOOTSTRAP} resamples). Window draws: the same selection on {WINDOW_DRAWS} random draws of which "
+             "windows of the pass a fitness uses (the committed pick uses the first ones): the share of draws whose "
+             "pick is the best candidate and the mean regret; none where a setting uses every window of its pass. "
              "Staged: every candidate on the few windows, the best quarter again on more (EvoPress); its cost is per "
              "candidate on average. Seconds are CPU forward time per evaluation measured here (shared 2-core CPU).", ""]
     for target, entry in data["analysis"].items():
@@ -217,14 +262,19 @@ def table(data: dict) -> str:
         lines += [f"## {float(target):.0%}: {entry['candidates']} candidates{half}, test ppl "
                   f"{entry['test_ppl_range'][0]:.2f}-{entry['test_ppl_range'][1]:.2f}", "",
                   "| fitness | data | windows | tokens / eval | s / eval | Spearman vs test | Spearman, best half "
-                  "| picked: test ppl | regret |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "[95% CI] | picked: test ppl | regret | window draws: picks best | window draws: mean regret |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in entry["settings"]:
             rho = "" if row["spearman"] is None else f"{row['spearman']:.3f}"
             half = "" if row.get("spearman_best_half") is None else f"{row['spearman_best_half']:.3f}"
+            if row.get("spearman_best_half_ci95"):
+                half += " [{:.2f}, {:.2f}]".format(*row["spearman_best_half_ci95"])
+            draws = row.get("window_draws") or {}
+            share = f"{draws['picks_best']:.0%}" if draws else ""
+            mean_regret = f"{draws['mean_regret']:.2f}" if draws else ""
             lines.append(f"| {row['fitness']} | {row['data']} | {row['windows']} | {row['tokens']:,.0f} | "
                          f"{row['seconds_per_eval']:.2f} | {rho} | {half} | {row['picked_test_ppl']:.2f} | "
-                         f"{row['regret']:.2f} |")
+                         f"{row['regret']:.2f} | {share} | {mean_regret} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -227,13 +227,17 @@ def test_shared_options_mean_the_same_everywhere():
     assert seen["--seq-len"][0] == 128  # the reported perplexity's window, as FLAP and LLM-Pruner report it
 
 
-def test_search_fitness_window_defaults_to_512_or_the_models_context(models):
-    """The fitness window is 512 tokens unless the model was built for fewer; a given --seq-len is kept."""
+def test_search_fitness_window_defaults_to_128_or_the_models_context(models, tmp_path):
+    """The fitness window is 128 tokens unless the model was built for fewer; a given --seq-len is kept."""
     from selfprune.search.launch import build_config
 
+    short = tmp_path / "short-context"  # the tiny model, its config saying it was built for 64 tokens
+    shutil.copytree(models["good"], short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 64}))
     parser = _all_parsers()["search"]
-    for extra, model, expected in (([], "default", 512), ([], models["good"], 256),
-                                   (["--seq-len", "64"], models["good"], 64)):
+    for extra, model, expected in (([], "default", 128), ([], models["good"], 128), ([], short, 64),
+                                   (["--seq-len", "32"], models["good"], 32)):
         args = parser.parse_args(["--target", "0.3", "--operator", "uniform", "--model", str(model), *extra])
         assert build_config(args)["fitness"]["seq_len"] == expected
 

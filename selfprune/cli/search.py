@@ -59,8 +59,7 @@ def register(sub, parents=()):
                    help="seq-len windows scored per candidate")
     g.add_argument("--seq-len", type=positive_int, default=None,
                    help=f"tokens per fitness window; if not given: {DEFAULT_FITNESS_SEQ_LEN}, or the model's context "
-                        "length when shorter (longer windows rank candidates better for the same tokens: "
-                        "bench/results/fitness.md)")
+                        "length when shorter (bench/results/fitness.md compares window counts and lengths)")
     g.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     g.add_argument("--rescore-top", type=nonnegative_int, default=None,
                    help="multi-fidelity: at the end, score the N best candidates again on --rescore-windows and keep "

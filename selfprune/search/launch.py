@@ -27,7 +27,7 @@ SEED_HEURISTICS = ("uniform", "owl")
 # Self-Pruner's setting: population 30 + 20 iterations x (10 crossovers + 10 mutations).
 DEFAULT_BUDGET = 430
 DEFAULT_POPULATION = 30
-DEFAULT_RESCORE_WINDOWS = 16  # of the fitness seq-len: 16 x 512 ranks the 20% near-best best (fitness.md)
+DEFAULT_RESCORE_WINDOWS = 64  # of the fitness seq-len: 4x the default fitness tokens (fitness.md: 64 x 128)
 DEFAULT_OFFSPRING = 20
 DEFAULT_WORKERS = 1
 DEFAULT_WORKER_THREADS = 1
