@@ -568,9 +568,9 @@ def test_resume_may_move_the_llm_server_and_extend_the_budget():
     assert apply_resume_overrides(config, moved)
     assert config["llm"]["base_url"] == "http://127.0.0.1:2/v1" and config["llm"]["api_key_env"] == "MY_KEY"
     assert config["budget"] == 20
-    assert config["rescore"] == {"top": 0, "windows": 16}
+    assert config["rescore"] == {"top": 0, "windows": 64}
     assert apply_resume_overrides(config, _parse(["--resume", "run", "--rescore-top", "5"]))
-    assert config["rescore"] == {"top": 5, "windows": 16}
+    assert config["rescore"] == {"top": 5, "windows": 64}
     with pytest.raises(SelfpruneError, match="--rescore-windows 0 is too small"):
         apply_resume_overrides(config, SimpleNamespace(rescore_top=None, rescore_windows=0, budget=None,
                                                        llm_base_url=None, llm_api_key_env=None))
