@@ -90,6 +90,21 @@ def spearman_interval(a, b, rng, resamples: int = BOOTSTRAP) -> list[float]:
     return [float(q) for q in np.nanpercentile(draws, [2.5, 97.5])]
 
 
+def survivors(count: int) -> int:
+    """How many candidates staged selection scores again: the best quarter."""
+    return max(1, count // 4)
+
+
+def select(per_window: np.ndarray, idx: np.ndarray, few: int | None = None) -> int:
+    """The candidate (row) a fitness picks: lowest mean over the windows ``idx`` (ppl and KL alike, as perplexity
+    is monotone in the mean NLL). With ``few``, staged: all on ``idx[:few]``, the best quarter again on all of
+    ``idx``."""
+    if few is None:
+        return int(np.argmin(per_window[:, idx].mean(1)))
+    keep = np.argsort(per_window[:, idx[:few]].mean(1), kind="stable")[: survivors(len(per_window))]
+    return int(keep[np.argmin(per_window[keep][:, idx].mean(1))])
+
+
 def window_draws(per_window: np.ndarray, test: np.ndarray, k: int, rng, few: int | None = None,
                  draws: int = WINDOW_DRAWS) -> dict | None:
     """Pick the candidate with the lowest mean over ``k`` windows drawn at random (without replacement) from the
@@ -100,16 +115,8 @@ def window_draws(per_window: np.ndarray, test: np.ndarray, k: int, rng, few: int
     total = per_window.shape[1]
     if k >= total and few is None:
         return None
-    best, regrets = test.min(), []
-    for _ in range(draws):
-        idx = rng.choice(total, size=k, replace=False)
-        if few is None:
-            pick = int(np.argmin(per_window[:, idx].mean(1)))
-        else:
-            keep = np.argsort(per_window[:, idx[:few]].mean(1), kind="stable")[: max(1, len(test) // 4)]
-            pick = int(keep[np.argmin(per_window[keep][:, idx].mean(1))])
-        regrets.append(test[pick] - best)
-    regrets = np.array(regrets)
+    regrets = np.array([test[select(per_window, rng.choice(total, size=k, replace=False), few)] - test.min()
+                        for _ in range(draws)])
     return {"draws": draws, "picks_best": float(np.mean(regrets == 0)), "mean_regret": float(regrets.mean())}
 
 
@@ -201,9 +208,7 @@ def analyse(records: list[dict]) -> dict:
         top = test <= np.median(test)
         rows = []
         rng = np.random.default_rng(SEED)
-
-        def window_matrix(label):
-            return np.array([r["passes"][label]["per_window"] for r in recs])
+        matrices = {label: np.array([r["passes"][label]["per_window"] for r in recs]) for label, *_ in PASSES}
 
         def value(rec, kind, label, k):
             windows = rec["passes"][label]["per_window"][:k]
@@ -222,20 +227,17 @@ def analyse(records: list[dict]) -> dict:
                          "spearman": spearman(scores, test), "spearman_best_half": spearman(scores[top], test[top]),
                          "spearman_best_half_ci95": spearman_interval(scores[top], test[top], rng),
                          "picked_test_ppl": float(test[pick]), "regret": float(test[pick] - best_test),
-                         "window_draws": window_draws(window_matrix(label), test, k, rng)})
+                         "window_draws": window_draws(matrices[label], test, k, rng)})
         for kind, label, few, many in STAGED:
-            cheap = np.array([value(r, kind, label, few) for r in recs])
-            keep = np.argsort(cheap)[: max(1, len(recs) // 4)]
-            full = {int(i): value(recs[i], kind, label, many) for i in keep}
-            pick = min(full, key=full.get)
+            pick = select(matrices[label], np.arange(many), few)
             t_few, s_few = cost(label, few)
             t_many, s_many = cost(label, many)
-            n = len(recs)
-            rows.append({"fitness": f"{kind} staged", "data": label, "windows": f"{few} -> {many} (top {len(keep)})",
-                         "tokens": t_few + t_many * len(keep) / n, "seconds_per_eval": s_few + s_many * len(keep) / n,
+            n, kept = len(recs), survivors(len(recs))
+            rows.append({"fitness": f"{kind} staged", "data": label, "windows": f"{few} -> {many} (top {kept})",
+                         "tokens": t_few + t_many * kept / n, "seconds_per_eval": s_few + s_many * kept / n,
                          "spearman": None, "spearman_best_half": None, "picked_test_ppl": float(test[pick]),
                          "regret": float(test[pick] - best_test),
-                         "window_draws": window_draws(window_matrix(label), test, many, rng, few=few)})
+                         "window_draws": window_draws(matrices[label], test, many, rng, few=few)})
         analysis[str(target)] = {"candidates": len(recs), "best_half": int(top.sum()), "best_test_ppl": best_test,
                                  "test_ppl_range": [float(test.min()), float(test.max())], "settings": rows}
     return analysis
