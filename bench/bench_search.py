@@ -60,24 +60,26 @@ RUNS = Path(__file__).resolve().parent / "runs"
 
 
 def run_name(operator: str, target: float, budget: int, seed: int, gqa: str, model: str = "default",
-             llm_name: str | None = None) -> str:
+             llm_name: str | None = None, reconstruct: str = "bias") -> str:
     """The run's folder. LLM runs name their prompt version: the committed v2 runs (llm-t0.2-b100-s0, ...)
     would otherwise share a folder name, and a results row, with the v3 runs of the same seed."""
     if operator == "llm":
         operator += f"-{DEFAULT_PROMPT_VERSION}"
     return (("" if model == "default" else f"{model}-") + operator + (f"-by-{llm_name}" if llm_name else "")
-            + f"-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}"))
+            + f"-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}")
+            + ("" if reconstruct == "bias" else f"-{reconstruct}"))
 
 
 def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None,
                llm_retries: int = 2, gqa: str = "group", criterion: str = "flap_unsquared",
-               model: str = "default", llm_name: str | None = None) -> Path:
+               model: str = "default", llm_name: str | None = None, reconstruct: str = "bias") -> Path:
     """One `selfprune search` run in bench/runs (resumed when its folder exists). The LLM operator runs on
     `server` (llama.cpp) when given, under the model name `llm_name` (default smollm2), else in transformers."""
-    out = RUNS / run_name(operator, target, budget, seed, gqa, model, llm_name)
+    out = RUNS / run_name(operator, target, budget, seed, gqa, model, llm_name, reconstruct)
     argv = ["search", "--model", model, "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
             "--seq-len", "128", "--gqa-policy", gqa, "--criterion", criterion,
-            "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu"]
+            "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu",
+            "--reconstruct", reconstruct]
     if operator not in ("uniform", "owl"):
         argv += ["--budget", str(budget)]
     if operator in ("llm", "llm-random"):  # llm-random: the ablation, the LLM operator with random replies
@@ -89,7 +91,7 @@ def run_search(operator: str, target: float, budget: int, windows: int, seed: in
                  "SELFPRUNE_BENCH_KEY", "--llm-max-tokens", "600"]
     if (out / "summary.json").is_file():
         return out
-    runs = {b: RUNS / run_name(operator, target, b, seed, gqa, model, llm_name) for b in range(1, budget)}
+    runs = {b: RUNS / run_name(operator, target, b, seed, gqa, model, llm_name, reconstruct) for b in range(1, budget)}
     shorter = [path for b, path in sorted(runs.items()) if (path / "summary.json").is_file()]
     if not out.exists() and shorter:
         # A larger budget continues the largest finished smaller one: its first evaluations are that run's.
@@ -118,6 +120,9 @@ def main() -> None:
     parser.add_argument("--llm-server", action="store_true",
                         help="serve the model's own GGUF with llama.cpp for the LLM operator instead of transformers")
     parser.add_argument("--gqa-policy", default="group", choices=("group", "query"))
+    parser.add_argument("--reconstruct", default="bias", choices=("bias", "lstsq"),
+                        help="how candidates are finished (lstsq: every candidate refit, issue 29); the run folder "
+                             "and row name it when it is not bias")
     parser.add_argument("--merge", default=None,
                         help="comma list of results names (from parallel runs with --name) to merge into --name, "
                              "then only rewrite the table")
@@ -157,16 +162,17 @@ def main() -> None:
                     known.add(row["run_dir"])
         save(rows, args, test)
         return
-    done = {(r["operator"].split(" ")[0], r["target"], r["budget"], gqa_of(r), r.get("seed", 0)) for r in rows}
+    done = {(r["operator"].split(" ")[0], r["target"], r["budget"], gqa_of(r), r.get("seed", 0),
+             r.get("reconstruct", "bias")) for r in rows}
     plan = [(target, seed, operator) for target in [float(x) for x in args.rates.split(",")]
             for seed in [int(x) for x in args.seeds.split(",")] for operator in args.operators.split(",")]
     for target, seed, operator in plan:
         budget = 1 if operator in ("uniform", "owl") else args.budget
-        if (operator, target, budget, args.gqa_policy, seed) in done or (budget == 1 and seed != 0):
+        if (operator, target, budget, args.gqa_policy, seed, args.reconstruct) in done or (budget == 1 and seed != 0):
             continue  # uniform and OWL do not depend on the search seed
         start = time.time()
         run = run_search(operator, target, budget, args.fitness_windows, seed, server, args.llm_retries,
-                         args.gqa_policy, args.criterion)
+                         args.gqa_policy, args.criterion, reconstruct=args.reconstruct)
         summary = json.loads((run / "summary.json").read_text())
         journal = [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
         model, _ = load_model(str(run / "model"))
@@ -180,9 +186,16 @@ def main() -> None:
         if operator == "llm":
             label = (f"llm (self{', llama.cpp' if server else ''}, prompts {config['llm']['prompt_version']}, "
                      f"{config['llm']['retries']} retries)")
+        if args.reconstruct != "bias":   # a table group of its own beside the same search without refit
+            label += f" + {args.reconstruct} refit"
         rows.append({
             "operator": label, "target": target, "budget": budget, "gqa_policy": config["gqa_policy"], "seed": seed,
             "criterion": config["criterion"],
+            **({"reconstruct": args.reconstruct, "ridge": config["reconstruction"]["ridge"],
+                "refit_seconds_per_eval": summary.get("refit_seconds_per_eval"),
+                "seconds_per_eval_without_refit": summary.get("seconds_per_eval_without_refit"),
+                "moments_seconds": summary["reconstruction"]["moments_seconds"]}
+               if args.reconstruct != "bias" else {}),
             "best_operator": summary["best_operator"],
             "best_valid_at_30": best_at(run, 30) if summary["evaluations"] >= 30 else None,
             "evaluations": summary["evaluations"], "best_fitness_valid_ppl": summary["best_fitness"],

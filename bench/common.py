@@ -55,6 +55,8 @@ def search_rows() -> list[dict]:
 
 def best_searched_row(target: float) -> dict | None:
     """The search run with the best validation fitness at ``target`` in results/search*.json (never chosen on
-    test): the "searched" model of every benchmark that compares against uniform."""
-    rows = [r for r in search_rows() if r["target"] == target and r["operator"] != "uniform"]
+    test): the "searched" model of every benchmark that compares against uniform. Searches that refit every
+    candidate (bench_search.py --reconstruct lstsq) are left out: their models need the refit to rebuild."""
+    rows = [r for r in search_rows() if r["target"] == target and r["operator"] != "uniform"
+            and r.get("reconstruct", "bias") == "bias"]   # a refit search's fitness is not comparable
     return min(rows, key=lambda r: r["best_fitness_valid_ppl"]) if rows else None

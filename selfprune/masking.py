@@ -7,7 +7,9 @@ dense model computes everything and forward hooks make it compute the pruned fun
   down_proj input. That is all a pruned layer differs by: a removed query head reaches the residual stream
   only through its o_proj columns, and a key-value group removed under the ``group`` GQA policy takes its
   query heads with it, so its keys and values feed only outputs that are zeroed;
-* the FLAP compensation bias the sliced build adds to o_proj / down_proj is added to their output.
+* the FLAP compensation bias the sliced build adds to o_proj / down_proj is added to their output;
+* a least-squares refit (``reconstruct="lstsq"``) replaces o_proj's / down_proj's output with the refit
+  projection of the kept inputs.
 
 Both read ``Pruner.select`` (the same ``kept_units`` and compensation vectors as ``build``). The cost is
 dense compute and no copy; the logits equal the sliced model's up to summation order.
@@ -44,6 +46,15 @@ def _zero_inputs(removed: torch.Tensor):
     def hook(_module, args):
         x = args[0]
         return (x.masked_fill(removed.to(x.device), 0.0), *args[1:])
+    return hook
+
+
+def _refit_output(kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """A forward hook computing the refit projection of the kept inputs instead of the dense output."""
+    def hook(_module, args, _output):
+        x = args[0]
+        b = None if bias is None else bias.to(x.device)
+        return torch.nn.functional.linear(x.index_select(-1, kept.to(x.device)), weight.to(x.device), b)
     return hook
 
 
@@ -88,12 +99,19 @@ class MaskedCandidate:
             o, down = a.attention_linears(layer).o, a.mlp_linears(layer).down
             if len(selection.kept_query_heads) < geom.num_heads:
                 kept = _head_rows(selection.kept_query_heads, geom.head_dim)
-                self._mask(o, _removed_mask(o.in_features, kept, _home(o)), selection.o_extra_bias)
+                self._mask(o, kept, selection.o_extra_bias, selection.o_refit)
             if len(selection.kept_channels) < geom.intermediate:
                 kept = torch.tensor(selection.kept_channels, dtype=torch.long)
-                self._mask(down, _removed_mask(down.in_features, kept, _home(down)), selection.down_extra_bias)
+                self._mask(down, kept, selection.down_extra_bias, selection.down_refit)
 
-    def _mask(self, linear: nn.Linear, removed: torch.Tensor, extra_bias: torch.Tensor | None) -> None:
+    def _mask(self, linear: nn.Linear, kept: torch.Tensor, extra_bias: torch.Tensor | None, refit) -> None:
+        home, dtype = _home(linear), linear.weight.dtype
+        if refit is not None:   # cast as the sliced build casts the refit into the weight and bias
+            weight = refit[0].to(device=home, dtype=dtype)
+            bias = None if refit[1] is None else refit[1].to(device=home, dtype=dtype)
+            self._handles.append(linear.register_forward_hook(_refit_output(kept.to(home), weight, bias)))
+            return
+        removed = _removed_mask(linear.in_features, kept, home)
         self._handles.append(linear.register_forward_pre_hook(_zero_inputs(removed)))
         if extra_bias is not None:   # cast as the sliced build casts it into the bias
             extra = extra_bias.to(device=_home(linear), dtype=linear.weight.dtype)

@@ -7,6 +7,7 @@ the dense model, so a search can build hundreds of candidates for the cost of sl
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,6 +20,8 @@ from .calibration import CalibrationConfig, CalibrationResult, calibrate
 from .criteria import DEFAULT_BIAS_COMPENSATION, NEEDS_CALIBRATION, check_criterion, outlier_ratio, score_layer
 from .errors import SelfpruneError
 from .offload import is_dispatched, onloaded, standalone_copy, strip_dispatch
+from .reconstruction import (DEFAULT_RECONSTRUCTION, DEFAULT_RIDGE, CalibrationStream, GramCache, LayerMoments,
+                             check_reconstruction, refit_projection)
 
 #: The GQA policy that lost less perplexity on SmolLM2-135M (bench/results/core.md): remove whole KV groups.
 DEFAULT_GQA_POLICY = "group"
@@ -76,11 +79,15 @@ class PruneReport:
         return data
 
     def summary(self) -> str:
-        gqa = f"; {self.extra['gqa_policy_effect']}" if self.extra.get("gqa_policy_effect") else ""
+        notes = f"; {self.extra['gqa_policy_effect']}" if self.extra.get("gqa_policy_effect") else ""
+        refit = self.extra.get("reconstruction") or {}
+        if refit.get("method") == "lstsq":
+            mode = "sequential" if refit["sequential"] else "one-shot"
+            notes += f"; o_proj / down_proj refit by least squares ({mode}, ridge {refit['ridge']:g})"
         return (
             f"{self.criterion}: removed {self.achieved_rate:.4%} of decoder-layer parameters "
             f"(requested {self.requested_rate:.4%}); parameters {self.dense_total_params:,} -> "
-            f"{self.pruned_total_params:,} ({self.pruned_total_params / self.dense_total_params:.2%} of dense){gqa}"
+            f"{self.pruned_total_params:,} ({self.pruned_total_params / self.dense_total_params:.2%} of dense){notes}"
         )
 
 
@@ -97,6 +104,10 @@ class LayerSelection:
     o_bias: bool                           # whether the pruned o_proj / down_proj carry a bias
     down_bias: bool
     pruned_params: int
+    #: ``reconstruct="lstsq"``: the refit (kept columns' weight, whole bias) replacing o_proj / down_proj's
+    #: kept columns and bias; None where no unit goes (the dense weights stay) or the refit is off.
+    o_refit: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    down_refit: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 def _shallow_clone(module: nn.Module) -> nn.Module:
@@ -110,18 +121,23 @@ def _shallow_clone(module: nn.Module) -> nn.Module:
 
 
 def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-                   extra_bias: torch.Tensor | None = None) -> nn.Linear:
+                   extra_bias: torch.Tensor | None = None,
+                   refit: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> nn.Linear:
     weight = linear.weight.detach()
-    if rows is not None:
-        weight = weight.index_select(0, rows.to(weight.device))
-    if cols is not None:
-        weight = weight.index_select(1, cols.to(weight.device))
-    bias = linear.bias.detach() if linear.bias is not None else None
-    if bias is not None and rows is not None:
-        bias = bias.index_select(0, rows.to(bias.device))
-    if extra_bias is not None:
-        extra = extra_bias.to(device=weight.device, dtype=weight.dtype)
-        bias = extra if bias is None else bias + extra
+    if refit is not None:   # the kept columns' refit weight and the whole bias replace the dense ones
+        bias = None if refit[1] is None else refit[1].to(device=weight.device, dtype=weight.dtype)
+        weight = refit[0].to(device=weight.device, dtype=weight.dtype)
+    else:
+        if rows is not None:
+            weight = weight.index_select(0, rows.to(weight.device))
+        if cols is not None:
+            weight = weight.index_select(1, cols.to(weight.device))
+        bias = linear.bias.detach() if linear.bias is not None else None
+        if bias is not None and rows is not None:
+            bias = bias.index_select(0, rows.to(bias.device))
+        if extra_bias is not None:
+            extra = extra_bias.to(device=weight.device, dtype=weight.dtype)
+            bias = extra if bias is None else bias + extra
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     new.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
     if bias is not None:
@@ -142,14 +158,27 @@ def _versions() -> dict:
 
 
 class Pruner:
-    """Calibrate and score a dense model once; build pruned models for any per-layer rates."""
+    """Calibrate and score a dense model once; build pruned models for any per-layer rates.
+
+    ``reconstruct``: ``bias`` keeps the kept weights and (with ``bias_compensation``) folds the removed units'
+    mean into a bias (FLAP); ``lstsq`` refits o_proj's and down_proj's kept columns and a bias by ridge least
+    squares (``selfprune.reconstruction``; the bias is left out only when ``bias_compensation`` is False), on
+    the dense model's calibration activations, or with ``sequential`` on the activations of the layers before
+    it already pruned and refit. ``ridge`` is lambda as a fraction of the mean input second moment.
+    """
 
     def __init__(self, model, tokenizer=None, criterion: str = "flap",
                  calibration: CalibrationConfig | CalibrationResult | None = None,
                  gqa_policy: str = DEFAULT_GQA_POLICY, mlp_multiple: int = 1,
                  bias_compensation: bool | None = None, progress: bool = True, structure: str = DEFAULT_STRUCTURE,
-                 scores: list | None = None):
+                 scores: list | None = None, reconstruct: str = DEFAULT_RECONSTRUCTION, sequential: bool = False,
+                 ridge: float = DEFAULT_RIDGE, moments: GramCache | None = None):
         self.model = model
+        self.reconstruct = check_reconstruction(reconstruct, sequential, ridge)
+        self.sequential, self.ridge = sequential, float(ridge)
+        #: Every layer's second moments when kept (``cache_moments``: a search refits many candidates)
+        self.moments: GramCache | None = moments
+        self.refit_seconds = 0.0   # time spent refitting, all builds together (a search reports it per candidate)
         if structure not in STRUCTURES:
             raise SelfpruneError(f"unknown structure {structure!r}: use one of {', '.join(STRUCTURES)}")
         self.structure = structure
@@ -162,12 +191,14 @@ class Pruner:
         self.gqa_policy = gqa_policy
         self.mlp_multiple = mlp_multiple
         self.bias_compensation = DEFAULT_BIAS_COMPENSATION[criterion] if bias_compensation is None else bias_compensation
+        #: the refit fits a bias unless compensation was switched off explicitly
+        self.refit_intercept = bias_compensation is not False
         self.progress = progress
         self.tokenizer = tokenizer
         self.calibration: CalibrationResult | None = None
         if isinstance(calibration, CalibrationResult):
             self.calibration = calibration
-        elif NEEDS_CALIBRATION[criterion] or self.bias_compensation:
+        elif NEEDS_CALIBRATION[criterion] or self.bias_compensation or self.reconstruct == "lstsq":
             if tokenizer is None:
                 raise SelfpruneError(f"criterion {criterion} needs calibration data: pass the tokenizer")
             self.calibration = calibrate(model, tokenizer, self.adapter, calibration or CalibrationConfig(), progress)
@@ -184,17 +215,40 @@ class Pruner:
 
     def state(self) -> dict:
         """Everything but the model that ``build`` needs: the calibration statistics and importance scores
-        (small: a few vectors per layer). ``Pruner.from_state(model, state)`` in another process (a search
-        worker) builds the same candidates without calibrating or scoring again."""
+        (small: a few vectors per layer) and, for a least-squares refit, every layer's second moments (a
+        ``GramCache``: in memory, or a folder of files). ``Pruner.from_state(model, state)`` in another process
+        (a search worker) builds the same candidates without calibrating or scoring again."""
+        if self.reconstruct == "lstsq" and self.moments is None:
+            self.cache_moments()   # a worker refits from them; it never sees the calibration text
         return {"criterion": self.criterion, "gqa_policy": self.gqa_policy, "mlp_multiple": self.mlp_multiple,
                 "bias_compensation": self.bias_compensation, "structure": self.structure,
-                "calibration": self.calibration, "scores": self.scores}
+                "calibration": self.calibration, "scores": self.scores, "reconstruct": self.reconstruct,
+                "sequential": self.sequential, "ridge": self.ridge, "refit_intercept": self.refit_intercept,
+                "moments": self.moments}
 
     @classmethod
     def from_state(cls, model, state: dict, tokenizer=None, progress: bool = False) -> "Pruner":
+        compensation = state["bias_compensation"]
+        if state.get("reconstruct") == "lstsq":   # the refit's intercept follows how compensation was asked for
+            if not state.get("refit_intercept", True):
+                compensation = False   # switched off explicitly: no intercept
+            elif not compensation:
+                compensation = None    # the criterion's default (off, e.g. wanda_sp), which still fits one
         return cls(model, tokenizer, state["criterion"], state["calibration"], state["gqa_policy"],
-                   state["mlp_multiple"], state["bias_compensation"], progress, state["structure"],
-                   scores=state["scores"])
+                   state["mlp_multiple"], compensation, progress, state["structure"],
+                   scores=state["scores"], reconstruct=state.get("reconstruct", "bias"),
+                   sequential=state.get("sequential", False), ridge=state.get("ridge", DEFAULT_RIDGE),
+                   moments=state.get("moments"))
+
+    def cache_moments(self, directory: str | None = None) -> GramCache:
+        """Take every layer's second moments on the dense activations once (a search refits hundreds of
+        candidates from them); ``directory`` keeps them on disk, one file per layer, instead of in memory."""
+        if self.sequential:
+            raise SelfpruneError("sequential refits depend on the candidate (each layer is fit on the pruned "
+                                 "layers before it), so their moments cannot be cached: use the one-shot refit")
+        if self.moments is None:
+            self.moments = GramCache.collect(self, directory, self.progress)
+        return self.moments
 
     # -- sizes ------------------------------------------------------------------------------------
     def _geometry(self, layer) -> LayerGeometry:
@@ -287,13 +341,18 @@ class Pruner:
         w = weight.detach().cpu()[:, removed].to(torch.float64)   # only the removed columns are widened
         return w @ stats_mean[removed]
 
-    def layer_selection(self, layer_index: int, plan: LayerPlan) -> LayerSelection:
-        """The kept units and compensation biases of one layer for ``plan`` (see ``LayerSelection``)."""
+    def layer_selection(self, layer_index: int, plan: LayerPlan,
+                        moments: LayerMoments | None = None) -> LayerSelection:
+        """The kept units and compensation biases (or refits) of one layer for ``plan`` (see
+        ``LayerSelection``). A refit reads ``moments`` when given (``build`` takes them layer by layer), else
+        the cached ones (``cache_moments``, taken on first use)."""
         kept_q, kept_kv, kept_ch = self.kept_units(layer_index, plan)
         geom = self.geometries[layer_index]
         layer = self.adapter.layers()[layer_index]
         attn, mlp = self.adapter.attention_linears(layer), self.adapter.mlp_linears(layer)
         o_extra = down_extra = None
+        if self.reconstruct == "lstsq":
+            return self._refit_selection(layer_index, layer, kept_q, kept_kv, kept_ch, moments)
         if self.bias_compensation:
             stats = self.calibration.layers[layer_index]
             with onloaded(layer):  # an offloaded layer's weights are read in (a no-op for a loaded one)
@@ -306,6 +365,32 @@ class Pruner:
         down_bias = mlp.down.bias is not None or down_extra is not None
         pruned = geom.params(len(kept_q), len(kept_kv), len(kept_ch), o_bias, down_bias)
         return LayerSelection(kept_q, kept_kv, kept_ch, o_extra, down_extra, o_bias, down_bias, pruned)
+
+    def _refit_selection(self, layer_index: int, layer, kept_q, kept_kv, kept_ch,
+                         moments: LayerMoments | None) -> LayerSelection:
+        geom = self.geometries[layer_index]
+        attn, mlp = self.adapter.attention_linears(layer), self.adapter.mlp_linears(layer)
+        cache = None
+        if moments is None:
+            cache = self.cache_moments()
+        refits, start = {}, time.perf_counter()
+        with onloaded(layer):
+            for which, linear, kept, removed in (
+                    ("o", attn.o, _head_rows(kept_q, geom.head_dim), len(kept_q) < geom.num_heads),
+                    ("down", mlp.down, torch.tensor(kept_ch, dtype=torch.long), len(kept_ch) < geom.intermediate)):
+                if not removed:   # nothing to compensate: the dense projection stays as it is
+                    refits[which] = None
+                elif cache is not None:
+                    refits[which] = cache.refit(layer_index, which, linear, kept, self.ridge, self.refit_intercept)
+                else:
+                    refits[which] = refit_projection(linear, getattr(moments, which), kept, self.ridge,
+                                                     self.refit_intercept)
+        self.refit_seconds += time.perf_counter() - start
+        o_bias = attn.o.bias is not None or (refits["o"] is not None and refits["o"][1] is not None)
+        down_bias = mlp.down.bias is not None or (refits["down"] is not None and refits["down"][1] is not None)
+        pruned = geom.params(len(kept_q), len(kept_kv), len(kept_ch), o_bias, down_bias)
+        return LayerSelection(kept_q, kept_kv, kept_ch, None, None, o_bias, down_bias, pruned,
+                              refits["o"], refits["down"])
 
     def select(self, rates) -> list[LayerSelection]:
         """Every layer's ``LayerSelection`` for ``rates``."""
@@ -334,8 +419,14 @@ class Pruner:
         target = None if device is None else torch.device(device)
         copied: dict = {}   # standalone_copy's memo: tied and shared tensors are copied once
         new_layers, reports, pruned_params = [], [], []
+        stream = None   # a refit without cached moments takes them here, one layer at a time
+        if self.reconstruct == "lstsq" and (self.sequential or self.moments is None):
+            stream = CalibrationStream.for_pruner(self)
         for i, (layer, plan) in enumerate(zip(self._onloaded_layers(target), plans)):
-            selection = self.layer_selection(i, plan)
+            moments = dense_outputs = None
+            if stream is not None:   # the dense layer on the stream: its moments, and its outputs
+                moments, dense_outputs = stream.moments(layer, i)
+            selection = self.layer_selection(i, plan, moments)
             kept_q, kept_kv, kept_ch = selection.kept_query_heads, selection.kept_kv_heads, selection.kept_channels
             o_extra, down_extra = selection.o_extra_bias, selection.down_extra_bias
             q_rows, kv_rows = _head_rows(kept_q, hd), _head_rows(kept_kv, hd)
@@ -346,13 +437,16 @@ class Pruner:
             new_attn, new_mlp = _shallow_clone(a.attention(layer)), _shallow_clone(a.mlp(layer))
             a.set_attention_linears(new_attn, AttentionLinears(
                 _sliced_linear(attn.q, rows=q_rows), _sliced_linear(attn.k, rows=kv_rows),
-                _sliced_linear(attn.v, rows=kv_rows), _sliced_linear(attn.o, cols=q_rows, extra_bias=o_extra)),
+                _sliced_linear(attn.v, rows=kv_rows),
+                _sliced_linear(attn.o, cols=q_rows, extra_bias=o_extra, refit=selection.o_refit)),
                 len(kept_q), len(kept_kv))
             a.set_mlp_linears(new_mlp, MLPLinears(
                 _sliced_linear(mlp.gate, rows=ch), _sliced_linear(mlp.up, rows=ch),
-                _sliced_linear(mlp.down, cols=ch, extra_bias=down_extra)))
+                _sliced_linear(mlp.down, cols=ch, extra_bias=down_extra, refit=selection.down_refit)))
             new_layer.self_attn, new_layer.mlp = new_attn, new_mlp
             new_layers.append(new_layer if target is None else standalone_copy(new_layer, target, copied))
+            if stream is not None:   # sequential: the next layer is fit on what this pruned layer gives it
+                stream.advance(stream.run(new_layers[-1], i) if self.sequential else dense_outputs)
             o_bias, down_bias, pruned = selection.o_bias, selection.down_bias, selection.pruned_params
             pruned_params.append(pruned)
             reports.append(LayerReport(len(kept_q), len(kept_kv), len(kept_ch), plan.requested,
@@ -366,7 +460,8 @@ class Pruner:
             sum(self.layer_params), sum(pruned_params), _count(self.model), _count(model),
             self.calibration.config.to_dict() | {"tokens": self.calibration.tokens, "origin": self.calibration.origin}
             | self.calibration.extra if self.calibration else None,
-            extra={"gqa_policy_effect": describe_gqa_policy(self.geometries[0], self.gqa_policy)},
+            extra={"gqa_policy_effect": describe_gqa_policy(self.geometries[0], self.gqa_policy),
+                   "reconstruction": self.reconstruction_settings()},
         )
         model.config.selfprune = {
             "format_version": 1,
@@ -377,6 +472,7 @@ class Pruner:
             "structure": self.structure,
             "bias_compensation": self.bias_compensation,
             "mlp_multiple": self.mlp_multiple,
+            "reconstruction": self.reconstruction_settings(),
             "requested_rates": [r.requested_rate for r in reports],
             "achieved_rates": [r.achieved_rate for r in reports],
             "calibration": report.calibration,
@@ -384,6 +480,13 @@ class Pruner:
         }
         model.selfprune_report = report  # save_pruned writes it when the caller passes no report
         return model, report
+
+    def reconstruction_settings(self) -> dict:
+        """What decides the refit, recorded with every pruned model."""
+        if self.reconstruct != "lstsq":
+            return {"method": self.reconstruct, "bias_compensation": self.bias_compensation}
+        return {"method": "lstsq", "ridge": self.ridge, "sequential": self.sequential,
+                "intercept": self.refit_intercept, "projections": ["o_proj", "down_proj"]}
 
     def _onloaded_layers(self, device: torch.device | None):
         """The decoder layers in order, each one's offloaded weights loaded (onto ``device``) while the caller
@@ -418,11 +521,13 @@ def _count(model: nn.Module) -> int:
 
 def prune(model, rates, criterion: str = "flap", tokenizer=None, calibration: CalibrationConfig | None = None,
           gqa_policy: str = DEFAULT_GQA_POLICY, mlp_multiple: int = 1, bias_compensation: bool | None = None,
-          progress: bool = True, structure: str = DEFAULT_STRUCTURE):
-    """Prune ``model`` with one rate per decoder layer (or one float for all); returns ``(pruned, report)``."""
+          progress: bool = True, structure: str = DEFAULT_STRUCTURE, reconstruct: str = DEFAULT_RECONSTRUCTION,
+          sequential: bool = False, ridge: float = DEFAULT_RIDGE):
+    """Prune ``model`` with one rate per decoder layer (or one float for all); returns ``(pruned, report)``.
+    ``reconstruct="lstsq"`` refits the projections that lose inputs (see ``Pruner``)."""
     adapter = get_adapter(model)
     if isinstance(rates, (int, float)):
         rates = [float(rates)] * adapter.num_layers
     pruner = Pruner(model, tokenizer, criterion, calibration, gqa_policy, mlp_multiple, bias_compensation, progress,
-                    structure)
+                    structure, reconstruct=reconstruct, sequential=sequential, ridge=ridge)
     return pruner.build(rates)

@@ -94,14 +94,16 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, vocab_size: int = 49152, seed: int = 0):
-    """A random-weight model of ``family`` small enough for unit tests (4 layers, hidden 96)."""
+def tiny_model(family: str, vocab_size: int = 49152, seed: int = 0, **config_overrides):
+    """A random-weight model of ``family`` small enough for unit tests (4 layers, hidden 96); keywords override
+    the family's config (e.g. ``attention_bias=True, mlp_bias=True``)."""
     import transformers
 
     config_name, extra = FAMILIES[family]
     config = getattr(transformers, config_name)(
         vocab_size=vocab_size, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
-        max_position_embeddings=256, tie_word_embeddings=True, **({"head_dim": 96 // extra["num_attention_heads"]} | extra),
+        max_position_embeddings=256, tie_word_embeddings=True,
+        **({"head_dim": 96 // extra["num_attention_heads"]} | extra | config_overrides),
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -175,3 +177,23 @@ def save_tiny_model(folder: Path, family: str = "llama-gqa", vocab_size: int = 2
     tiny_model(family, vocab_size=vocab_size).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+@torch.no_grad()
+def dense_projection_inputs(model, ids) -> list[dict[str, torch.Tensor]]:
+    """Per layer, every token's input to o_proj and down_proj (float64 rows), from a plain dense forward."""
+    from selfprune.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    captured = [{"o": [], "down": []} for _ in adapter.layers()]
+    handles = []
+    for store, layer in zip(captured, adapter.layers()):
+        for key, linear in (("o", adapter.attention_linears(layer).o), ("down", adapter.mlp_linears(layer).down)):
+            handles.append(linear.register_forward_pre_hook(
+                lambda _m, args, rows=store[key]: rows.append(args[0].reshape(-1, args[0].shape[-1]).double())))
+    try:
+        model(ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [{key: torch.cat(rows) for key, rows in store.items()} for store in captured]

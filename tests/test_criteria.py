@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, dense_projection_inputs, tiny_model
 from selfprune.accounting import plan_layer
 from selfprune.adapters import get_adapter
 from selfprune.calibration import CalibrationConfig
@@ -26,24 +26,6 @@ def byte_tok():
 def calibration_ids(tokenizer, config: CalibrationConfig = CALIB) -> torch.Tensor:
     return calibration_batch(tokenizer, load_text(config.source, config.split), config.num_samples,
                              config.seq_len, config.seed)
-
-
-@torch.no_grad()
-def dense_projection_inputs(model, ids) -> list[dict[str, torch.Tensor]]:
-    """Per layer, every token's input to o_proj and down_proj (float64 rows), from a plain dense forward."""
-    adapter = get_adapter(model)
-    captured = [{"o": [], "down": []} for _ in adapter.layers()]
-    handles = []
-    for store, layer in zip(captured, adapter.layers()):
-        for key, linear in (("o", adapter.attention_linears(layer).o), ("down", adapter.mlp_linears(layer).down)):
-            handles.append(linear.register_forward_pre_hook(
-                lambda _m, args, rows=store[key]: rows.append(args[0].reshape(-1, args[0].shape[-1]).double())))
-    try:
-        model(ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [{key: torch.cat(rows) for key, rows in store.items()} for store in captured]
 
 
 def biased_llama():

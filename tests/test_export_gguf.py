@@ -70,12 +70,13 @@ def _compare(model, path: Path, windows: torch.Tensor, threads: int = 1) -> dict
 
 def _assert_same(result: dict, tolerance: float) -> None:
     assert result["max_diff"] < tolerance and result["agreement"] >= 0.99, result
+    assert abs(result["ppl_llama"] / result["ppl_torch"] - 1) < 0.005, result   # llama.cpp within 0.5% of torch
 
 
-def _pruned_tiny(family: str, tokenizer, compensation: bool, rates=RATES):
+def _pruned_tiny(family: str, tokenizer, compensation: bool | None, rates=RATES, reconstruct: str = "bias"):
     model = tiny_model(family)
     pruner = Pruner(model, tokenizer, "flap", CALIB, structure="proportional", bias_compensation=compensation,
-                    progress=False)
+                    progress=False, reconstruct=reconstruct)
     return pruner.build(rates)[0]
 
 
@@ -109,17 +110,18 @@ def smol_tokenizer_gguf() -> Path:
 
 
 TINY_CASES = {
-    # name: (family, bias compensation)
-    "llama-mha-flap-bias": ("llama-mha", True),
-    "llama-gqa-no-bias": ("llama-gqa", False),
-    "mistral-gqa-flap-bias": ("mistral", True),
+    # name: (family, bias compensation, reconstruction)
+    "llama-mha-flap-bias": ("llama-mha", True, "bias"),
+    "llama-gqa-no-bias": ("llama-gqa", False, "bias"),
+    "mistral-gqa-flap-bias": ("mistral", True, "bias"),
+    "llama-gqa-lstsq-refit": ("llama-gqa", None, "lstsq"),
 }
 
 
 @pytest.mark.parametrize("case", list(TINY_CASES))
 def test_tiny_pruned_f32_matches_pytorch(case, tokenizer, smol_tokenizer_gguf, tmp_path):
-    family, compensation = TINY_CASES[case]
-    model = _pruned_tiny(family, tokenizer, compensation)
+    family, compensation, reconstruct = TINY_CASES[case]
+    model = _pruned_tiny(family, tokenizer, compensation, reconstruct=reconstruct)
     shapes = [layer["num_attention_heads"] for layer in model.config.selfprune["layers"]]
     assert len(set(shapes)) > 1, "the case must have layers of different widths"
     widths = [layer["intermediate_size"] for layer in model.config.selfprune["layers"]]
@@ -189,14 +191,17 @@ def test_dense_tiny_with_hf_tokenizer_and_quantized(tmp_path):
 # -- SmolLM2 ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol_pruned(smol, data_dir, tmp_path_factory):
-    """SmolLM2 FLAP-pruned at 20% and 50% (proportional: heads and channels both go), exported at f32 and q8_0."""
+    """SmolLM2 FLAP-pruned at 20% (bias compensation) and 50% (o_proj / down_proj refit by least squares:
+    every kept weight changed), proportional (heads and channels both go), exported at f32 and q8_0."""
     model, tokenizer = smol
     pruner = Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=8, seq_len=128), structure="proportional",
                     progress=False)
+    refit = Pruner.from_state(model, pruner.state() | {"reconstruct": "lstsq"}, tokenizer)
     folder = tmp_path_factory.mktemp("smol-gguf")
     out = {}
     for rate in (0.2, 0.5):
-        pruned, _ = pruner.build([rate] * pruner.num_layers)
+        pruned, report = (pruner if rate == 0.2 else refit).build([rate] * pruner.num_layers)
+        assert report.extra["reconstruction"]["method"] == ("bias" if rate == 0.2 else "lstsq")
         f32 = export_gguf(pruned, tokenizer, folder / f"smol-{rate}.f32.gguf", "f32")
         q8 = quantize_gguf(f32, folder / f"smol-{rate}.q8_0.gguf", "q8_0")
         out[rate] = (pruned, f32, q8)

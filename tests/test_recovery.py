@@ -39,12 +39,12 @@ def text_file(tmp_path_factory, data_dir) -> Path:
     return c4_jsonl(tmp_path_factory.mktemp("text") / "train.jsonl", data_dir, 24_000)
 
 
-def pruned_pair(family: str, rate: float = 0.4):
-    """(dense teacher, FLAP-pruned student with bias compensation, tokenizer)."""
+def pruned_pair(family: str, rate: float = 0.4, reconstruct: str = "bias"):
+    """(dense teacher, FLAP-pruned student with bias compensation or a least-squares refit, tokenizer)."""
     tokenizer = byte_tokenizer()
     teacher = tiny_model(family, vocab_size=VOCAB)
     student, _ = selfprune.prune(teacher, rate, criterion="flap", tokenizer=tokenizer, calibration=CALIB,
-                                 progress=False)
+                                 progress=False, reconstruct=reconstruct)
     return teacher, student, tokenizer
 
 
@@ -69,6 +69,20 @@ def test_recovery_lowers_heldout_loss_and_kl(family, method, text_file, tmp_path
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_before.items())
     log = json.loads((tmp_path / "out" / "selfprune_report.json").read_text())["recovery"]["curve"]
     assert [e["step"] for e in log if "heldout_lm_loss" in e] == [0, 10, 20, 30, 40, 50, 60]
+
+
+def test_recovery_starts_from_the_refit_weights(text_file, tmp_path):
+    """A refit model is recovered as it is: training starts from its refit o_proj / down_proj (the held-out
+    numbers at step 0 are the refit model's, not the FLAP model's) and distillation improves on them."""
+    teacher, refit, tokenizer = pruned_pair("llama-gqa", reconstruct="lstsq")
+    _, flap, _ = pruned_pair("llama-gqa")
+    data = load_training_data(tokenizer, str(text_file), "validation", 32, 8)
+    refit_metrics, flap_metrics = (heldout_metrics(m, teacher, data.heldout) for m in (refit, flap))
+    assert refit_metrics["heldout_kl"] != pytest.approx(flap_metrics["heldout_kl"], rel=1e-3)
+    config = RecoveryConfig(method="kd", tokens=30 * 4 * 32, data=str(text_file), **FAST)
+    _, summary = recover(refit, tokenizer, tmp_path / "out", teacher=teacher, config=config, progress=False)
+    assert summary["initial"] == pytest.approx(refit_metrics, rel=1e-5)
+    assert summary["final"]["heldout_kl"] < summary["initial"]["heldout_kl"]
 
 
 def test_lora_merge_gives_the_unmerged_logits():

@@ -164,6 +164,16 @@ def add_pruning_options(parser) -> None:
                         help="round kept MLP widths to a multiple of this (8, 64: faster kernels)")
     parser.add_argument("--bias-compensation", choices=("auto", "on", "off"), default="auto",
                         help="fold removed channels' mean output into a bias (auto: on for flap only)")
+    from ..reconstruction import DEFAULT_RECONSTRUCTION, DEFAULT_RIDGE, RECONSTRUCTIONS
+
+    parser.add_argument("--reconstruct", default=DEFAULT_RECONSTRUCTION, choices=RECONSTRUCTIONS,
+                        help="after slicing: bias keeps the kept weights (with --bias-compensation, FLAP's bias); "
+                             "lstsq refits o_proj's and down_proj's kept columns and a bias by ridge least squares so "
+                             "each layer's output matches the dense layer's on the calibration text (off: no bias)")
+    parser.add_argument("--ridge", type=_number(float, low=0, high=1000, high_open=True, what="a number"),
+                        default=DEFAULT_RIDGE,
+                        help="--reconstruct lstsq: ridge lambda as a fraction of the mean second moment of the kept "
+                             "inputs")
 
 
 def add_json_out_options(parser, what: str = "the result") -> None:

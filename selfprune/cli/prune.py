@@ -21,6 +21,9 @@ def register(sub, parents=()):
     p.add_argument("--out", required=True, help="folder to write the pruned model to")
     add_overwrite_option(p)
     add_pruning_options(p)
+    p.add_argument("--sequential", action="store_true",
+                   help="--reconstruct lstsq: fit layer i on the outputs of layers 0..i-1 already pruned and refit "
+                        "(SlimGPT / OSSCAR) instead of on the dense model's activations")
     add_calibration_options(p)
     p.add_argument("--ppl-dataset", default="wikitext2",
                    help=f"report dense vs pruned perplexity on this text: {', '.join(PPL_DATASETS)} or a .txt/.jsonl path")
@@ -40,6 +43,8 @@ def run(args) -> int:
     from ..io import run_lock
 
     check_model_options(args)
+    if args.sequential and args.reconstruct != "lstsq":
+        raise SelfpruneError("--sequential changes how a least-squares refit is calibrated: add --reconstruct lstsq")
     if (args.rate is None) == (args.rates is None):
         raise SelfpruneError("give exactly one of --rate (one rate for every layer) or --rates FILE (one per layer)")
     rates = read_rates_file(args.rates) if args.rates else None
@@ -77,7 +82,8 @@ def _prune(args, rates, out) -> int:
     rates = validate_rates(rates if rates is not None else [args.rate] * num_layers, num_layers)
     compensation = {"auto": None, "on": True, "off": False}[args.bias_compensation]
     pruner = Pruner(model, tokenizer, args.criterion, calibration, args.gqa_policy, args.mlp_multiple,
-                    compensation, True, args.structure)
+                    compensation, True, args.structure, reconstruct=args.reconstruct, sequential=args.sequential,
+                    ridge=args.ridge)
     pruned, report = pruner.build(rates)
     result = {"model": args.model, "report": report.to_dict()}
     print(report.summary())

@@ -80,6 +80,9 @@ def register(sub, parents=()):
     g.add_argument("--candidates", default=DEFAULT_CANDIDATES, choices=CANDIDATE_KINDS,
                    help="sliced: score a physically pruned copy of each candidate (fast); masked: score the dense "
                         "weights with the removed heads and channels masked (no copy: for models that barely fit)")
+    g.add_argument("--moments-dir", default=None, metavar="DIR",
+                   help="--reconstruct lstsq: keep every layer's second moments in files in DIR (one per layer, "
+                        "read back per candidate) instead of in memory: LLaMA-2-7B's take ~35 GB, 70B's ~570 GB")
     g = p.add_argument_group("search")
     g.add_argument("--operator", default="llm", choices=OPERATORS,
                    help="llm: Self-Pruner; llm-random: its ablation (same prompts, repair, fallback and budget, but "

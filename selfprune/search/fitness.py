@@ -88,7 +88,7 @@ class Fitness:
         return {"kl": total / tokens, "tokens": tokens, "seconds": time.perf_counter() - start}
 
     def __call__(self, rates) -> dict:
-        start = time.perf_counter()
+        start, refit_before = time.perf_counter(), getattr(self.pruner, "refit_seconds", 0.0)
         if self.candidates == "masked":
             candidate = masked_candidate(self.pruner, rates)
             with candidate as model:
@@ -103,8 +103,11 @@ class Fitness:
         total = time.perf_counter() - start
         if not math.isfinite(value):
             value = float("inf")
-        return {"fitness": value, "tokens": scored["tokens"], "seconds": total,
-                "forward_seconds": scored["seconds"], "achieved_rate": achieved_rate}
+        result = {"fitness": value, "tokens": scored["tokens"], "seconds": total,
+                  "forward_seconds": scored["seconds"], "achieved_rate": achieved_rate}
+        if getattr(self.pruner, "reconstruct", "bias") == "lstsq":
+            result["refit_seconds"] = self.pruner.refit_seconds - refit_before
+        return result
 
     def _score(self, model) -> dict:
         return self.evaluator(model) if self.kind == "ppl" else self._kl(model)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import SelfpruneError
 from ..io import atomic_write_json
+from ..reconstruction import DEFAULT_RIDGE
 from .defaults import DEFAULT_FITNESS_SEQ_LEN
 from .parallel import require_ray
 from .runner import MODEL_DIR, SUMMARY, RunSettings, SearchProblem, SearchRunner, create_run_dir, size_population
@@ -101,6 +102,9 @@ def build_config(args) -> dict:
         raise SelfpruneError(f"--owl-lambda {args.owl_lambda} must be in [0, 1): e.g. 0.08")
     if not 0 < args.evo_step < 1:
         raise SelfpruneError(f"--evo-step {args.evo_step} must be in (0, 1): e.g. 0.02")
+    if getattr(args, "moments_dir", None) and args.reconstruct != "lstsq":
+        raise SelfpruneError("--moments-dir keeps the least-squares refit's moments: add --reconstruct lstsq, or "
+                             "drop --moments-dir")
     seeds = _seed_names(args.seed_population, args.operator)
     budget = args.budget
     if budget is None:
@@ -120,6 +124,8 @@ def build_config(args) -> dict:
         "criterion": args.criterion,
         "structure": args.structure,
         "gqa_policy": args.gqa_policy,
+        "reconstruction": {"method": args.reconstruct, "ridge": args.ridge,
+                           "moments_dir": getattr(args, "moments_dir", None)},
         "target": args.target,
         "bounds": list(bounds),
         "operator": args.operator,
@@ -254,8 +260,12 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
     c = config["calibration"]
     calibration = CalibrationConfig(source=c["source"], split=c.get("split", "validation"), num_samples=c["num_samples"],
                                     seq_len=c["seq_len"], seed=c["seed"], data_dir=config["data_dir"])
+    reconstruction = config.get("reconstruction") or {"method": "bias"}   # runs made before refits had none
     pruner = Pruner(model, tokenizer, criterion=run_criterion(config), calibration=calibration, progress=progress,
-                    gqa_policy=config["gqa_policy"], structure=config["structure"])
+                    gqa_policy=config["gqa_policy"], structure=config["structure"],
+                    reconstruct=reconstruction["method"], ridge=reconstruction.get("ridge", DEFAULT_RIDGE))
+    if pruner.reconstruct == "lstsq":   # every candidate is refit from the same moments: take them once
+        pruner.cache_moments(reconstruction.get("moments_dir"))
     fitness = _make_fitness(pruner, config)
     rescore = config.get("rescore") or {"top": 0, "windows": 0}  # runs made before multi-fidelity have none
     space = SearchSpace(pruner.layer_params, config["target"], config["bounds"])
@@ -302,6 +312,9 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
         summary["fitness_settings"] = settings_of() if callable(settings_of) else settings_of
     # peak resident memory of this session's processes (MiB; a worker that never started reports 0)
     summary["evaluation"]["peak_rss_mb"] = {"driver": peak_rss_mb(), "workers": pool.worker_peak_rss_mb()}
+    if pruner.moments is not None:   # the one-off cost of refitting candidates: every layer's moments
+        summary["reconstruction"] = pruner.reconstruction_settings() | {
+            "moments_seconds": pruner.moments.seconds, "moments_mib": pruner.moments.nbytes / 2**20}
     if (config.get("recover") or {}).get("tokens") and save_model:  # the dense model, untouched, is the teacher
         atomic_write_json(run_dir / SUMMARY, summary)  # the search's result is on disk before training starts
         summary["recovery"] = recover_best(config, run_dir, model, tokenizer, progress)

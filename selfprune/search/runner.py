@@ -470,6 +470,8 @@ class SearchRunner:
             "llm_tokens": int(llm.get("prompt_tokens", 0)) + int(llm.get("completion_tokens", 0)),
             "elapsed": self._elapsed_base + (time.perf_counter() - self._session_start),
         }
+        if "refit_seconds" in result:   # only runs that refit candidates (--reconstruct lstsq)
+            record["refit_seconds"] = float(result["refit_seconds"])
         if outcome.retries:  # only where it happened, so journals of runs without faults stay identical
             record["retries"] = outcome.retries
         if outcome.failed:
@@ -559,6 +561,10 @@ class SearchRunner:
             "wall_seconds": max(r.get("elapsed", 0.0) for r in st.records),
             "eval_seconds": float(sum(seconds)),
             "seconds_per_eval": float(np.mean(seconds)),
+            **({"refit_seconds_per_eval": float(np.mean([r["refit_seconds"] for r in st.records])),
+                "seconds_per_eval_without_refit": float(np.mean([r["seconds"] - r["refit_seconds"]
+                                                                 for r in st.records]))}
+               if all("refit_seconds" in r for r in st.records) else {}),
             "cache_hits": st.cache_hits,
             "repairs": len(repaired),
             "repair_max_distance": max((r["repair_distance"] for r in st.records), default=0.0),
@@ -636,7 +642,10 @@ def format_summary(summary: dict) -> str:
         rows.append(("uniform fitness", f"{summary['uniform_fitness']:.6g}"))
     rows += [
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
-        ("seconds per eval", f"{summary['seconds_per_eval']:.3f}"),
+        ("seconds per eval", f"{summary['seconds_per_eval']:.3f}"
+                             + (f" ({summary['seconds_per_eval_without_refit']:.3f} without the "
+                                f"{summary['refit_seconds_per_eval']:.3f} s refit)"
+                                if "refit_seconds_per_eval" in summary else "")),
         ("cache hits", str(summary["cache_hits"])),
         *([("evaluation", evaluation_cell(summary["evaluation"]))] if summary.get("evaluation") else []),
         ("repairs", f"{summary['repairs']} (max move {summary['repair_max_distance']:.4f})"),
