@@ -227,8 +227,8 @@ class GramCache:
 
     In memory by default; with ``directory`` each layer's moments are written to their own file and read back
     when a candidate is refit (LLaMA-2-7B: 32 x ~1 GB; 70B: 80 x ~6.6 GB), so memory holds one layer's.
-    Refits are kept by (layer, projection, kept count), the only thing they depend on once the scores are
-    fixed, up to ``cache_bytes``.
+    Refits are kept by (layer, projection, kept columns) up to ``cache_bytes``: a search's candidates repeat
+    the same few widths per layer, and with the scores fixed a width is one kept set.
     """
 
     layers: list[LayerMoments | None]
@@ -282,7 +282,7 @@ class GramCache:
 
     def refit(self, layer_index: int, which: str, linear: nn.Linear, kept: torch.Tensor, ridge: float,
               intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = (layer_index, which, len(kept), ridge, intercept)
+        key = (layer_index, which, tuple(kept.tolist()), ridge, intercept)   # pruners may share the moments
         if key in self._refits:
             self._refits.move_to_end(key)
             return self._refits[key]

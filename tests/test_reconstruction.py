@@ -473,6 +473,23 @@ def test_moments_kept_on_disk_give_the_same_refit(tmp_path):
         assert torch.equal(got.state_dict()[name], tensor), name
 
 
+def test_pruners_sharing_moments_refit_their_own_kept_units():
+    """Two criteria keep different channels at the same widths; one moments cache serves both (as the bench
+    shares it): each must get the refit of its own kept columns, not the other's from the refit cache."""
+    flap = pruner("llama-gqa", "mlp_first", reconstruct="lstsq", ridge=RIDGE)
+    moments = flap.cache_moments()
+    model, tokenizer, calibration, _ = calibrated("llama-gqa")
+    wanda = Pruner(model, tokenizer, "wanda_sp", calibration, structure="mlp_first", progress=False,
+                   reconstruct="lstsq", ridge=RIDGE)
+    fresh, _ = wanda.build(RATES)                 # its own moments, taken on the stream
+    flap.build(RATES)                             # fills the shared refit cache with FLAP's kept sets
+    wanda.moments = moments
+    shared, report = wanda.build(RATES)
+    assert any(l.kept_channels != f.kept_channels for l, f in zip(report.layers, flap.build(RATES)[1].layers))
+    for name, tensor in fresh.state_dict().items():
+        assert torch.allclose(shared.state_dict()[name], tensor, rtol=1e-5, atol=1e-6), name
+
+
 # -- 8. a search that refits its candidates -------------------------------------------------------------------
 
 DATA_DIR = Path(os.environ.get("SELFPRUNE_DATA_DIR", "no-data-dir-set"))   # conftest.py sets it
