@@ -26,6 +26,10 @@ The committed results came from (parallel runs write their own --name, then --me
     python bench/bench_search.py --fitness-windows 6 --operators llm --llm-server --llm-threads 1 --llm-retries 0 \
         --rates 0.2 --seeds 0,1,2 --name search-llm-v3     # likewise --rates 0.5 and 0.3
     python bench/bench_search.py --fitness-windows 6 --merge search-llm-v3
+    # the same with every candidate refit (issue 29): seed 0 first with ridge 1e-3 (the default then), then
+    # seeds 0-2 with the swept default 1e-5
+    python bench/bench_search.py --fitness-windows 6 --operators llm --llm-server --llm-threads 1 --llm-retries 0 \
+        --rates 0.5 --seeds 0,1,2 --reconstruct lstsq --name search-llm-v3-lstsq
 
 `--regenerate` rebuilds a results file and its table from the stored rows alone (no run, no model): it is how
 the committed files got the LLM's duplicate replies under one counter, "duplicates" (the runs had counted them
@@ -53,6 +57,7 @@ from common import DATA_DIR, RESULTS, search_rows, serve_gguf, versions, write_r
 from selfprune.cli import main as cli
 from selfprune.models import load_model
 from selfprune.perplexity import PerplexityEvaluator
+from selfprune.reconstruction import DEFAULT_RIDGE
 from selfprune.search.llm_operator import DEFAULT_PROMPT_VERSION
 from selfprune.search.runner import fold_llm_counts
 
@@ -60,26 +65,28 @@ RUNS = Path(__file__).resolve().parent / "runs"
 
 
 def run_name(operator: str, target: float, budget: int, seed: int, gqa: str, model: str = "default",
-             llm_name: str | None = None, reconstruct: str = "bias") -> str:
+             llm_name: str | None = None, reconstruct: str = "bias", ridge: float | None = None) -> str:
     """The run's folder. LLM runs name their prompt version: the committed v2 runs (llm-t0.2-b100-s0, ...)
     would otherwise share a folder name, and a results row, with the v3 runs of the same seed."""
     if operator == "llm":
         operator += f"-{DEFAULT_PROMPT_VERSION}"
     return (("" if model == "default" else f"{model}-") + operator + (f"-by-{llm_name}" if llm_name else "")
             + f"-t{target:g}-b{budget}-s{seed}" + ("" if gqa == "group" else f"-{gqa}")
-            + ("" if reconstruct == "bias" else f"-{reconstruct}"))
+            + ("" if reconstruct == "bias" else f"-{reconstruct}")
+            + ("" if ridge is None or reconstruct == "bias" else f"-r{ridge:g}"))
 
 
 def run_search(operator: str, target: float, budget: int, windows: int, seed: int, server=None,
                llm_retries: int = 2, gqa: str = "group", criterion: str = "flap_unsquared",
-               model: str = "default", llm_name: str | None = None, reconstruct: str = "bias") -> Path:
+               model: str = "default", llm_name: str | None = None, reconstruct: str = "bias",
+               ridge: float | None = None) -> Path:
     """One `selfprune search` run in bench/runs (resumed when its folder exists). The LLM operator runs on
     `server` (llama.cpp) when given, under the model name `llm_name` (default smollm2), else in transformers."""
-    out = RUNS / run_name(operator, target, budget, seed, gqa, model, llm_name, reconstruct)
+    out = RUNS / run_name(operator, target, budget, seed, gqa, model, llm_name, reconstruct, ridge)
     argv = ["search", "--model", model, "--target", str(target), "--operator", operator, "--fitness-windows", str(windows),
             "--seq-len", "128", "--gqa-policy", gqa, "--criterion", criterion,
             "--calib-samples", "64", "--data-dir", DATA_DIR, "--seed", str(seed), "--no-progress", "--device", "cpu",
-            "--reconstruct", reconstruct]
+            "--reconstruct", reconstruct] + ([] if ridge is None or reconstruct == "bias" else ["--ridge", f"{ridge:g}"])
     if operator not in ("uniform", "owl"):
         argv += ["--budget", str(budget)]
     if operator in ("llm", "llm-random"):  # llm-random: the ablation, the LLM operator with random replies
@@ -91,7 +98,8 @@ def run_search(operator: str, target: float, budget: int, windows: int, seed: in
                  "SELFPRUNE_BENCH_KEY", "--llm-max-tokens", "600"]
     if (out / "summary.json").is_file():
         return out
-    runs = {b: RUNS / run_name(operator, target, b, seed, gqa, model, llm_name, reconstruct) for b in range(1, budget)}
+    runs = {b: RUNS / run_name(operator, target, b, seed, gqa, model, llm_name, reconstruct, ridge)
+            for b in range(1, budget)}
     shorter = [path for b, path in sorted(runs.items()) if (path / "summary.json").is_file()]
     if not out.exists() and shorter:
         # A larger budget continues the largest finished smaller one: its first evaluations are that run's.
@@ -120,6 +128,9 @@ def main() -> None:
     parser.add_argument("--llm-server", action="store_true",
                         help="serve the model's own GGUF with llama.cpp for the LLM operator instead of transformers")
     parser.add_argument("--gqa-policy", default="group", choices=("group", "query"))
+    parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                        help="the refit's ridge with --reconstruct lstsq (the first 50%% run, seed 0, used 1e-3, the "
+                             "default before the sweep; its folder has no -r suffix)")
     parser.add_argument("--reconstruct", default="bias", choices=("bias", "lstsq"),
                         help="how candidates are finished (lstsq: every candidate refit, issue 29); the run folder "
                              "and row name it when it is not bias")
@@ -163,16 +174,18 @@ def main() -> None:
         save(rows, args, test)
         return
     done = {(r["operator"].split(" ")[0], r["target"], r["budget"], gqa_of(r), r.get("seed", 0),
-             r.get("reconstruct", "bias")) for r in rows}
+             r.get("reconstruct", "bias"), r.get("ridge") if r.get("reconstruct", "bias") != "bias" else None)
+            for r in rows}
     plan = [(target, seed, operator) for target in [float(x) for x in args.rates.split(",")]
             for seed in [int(x) for x in args.seeds.split(",")] for operator in args.operators.split(",")]
     for target, seed, operator in plan:
         budget = 1 if operator in ("uniform", "owl") else args.budget
-        if (operator, target, budget, args.gqa_policy, seed, args.reconstruct) in done or (budget == 1 and seed != 0):
+        ridge = None if args.reconstruct == "bias" else args.ridge
+        if (operator, target, budget, args.gqa_policy, seed, args.reconstruct, ridge) in done or (budget == 1 and seed != 0):
             continue  # uniform and OWL do not depend on the search seed
         start = time.time()
         run = run_search(operator, target, budget, args.fitness_windows, seed, server, args.llm_retries,
-                         args.gqa_policy, args.criterion, reconstruct=args.reconstruct)
+                         args.gqa_policy, args.criterion, reconstruct=args.reconstruct, ridge=ridge)
         summary = json.loads((run / "summary.json").read_text())
         journal = [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
         model, _ = load_model(str(run / "model"))
@@ -187,7 +200,7 @@ def main() -> None:
             label = (f"llm (self{', llama.cpp' if server else ''}, prompts {config['llm']['prompt_version']}, "
                      f"{config['llm']['retries']} retries)")
         if args.reconstruct != "bias":   # a table group of its own beside the same search without refit
-            label += f" + {args.reconstruct} refit"
+            label += f" + {args.reconstruct} refit (ridge {config['reconstruction']['ridge']:g})"
         rows.append({
             "operator": label, "target": target, "budget": budget, "gqa_policy": config["gqa_policy"], "seed": seed,
             "criterion": config["criterion"],

@@ -48,10 +48,12 @@ def _pruned_class_name(model) -> str:
     return get_adapter(model).pruned_class_name
 
 
-def save_pruned(model, tokenizer, out_dir, metadata: dict | None = None, overwrite: bool = False) -> Path:
+def save_pruned(model, tokenizer, out_dir, metadata: dict | None = None, overwrite: bool = False,
+                imatrix=None) -> Path:
     """Write a pruned model atomically: a killed save leaves the previous folder (or none), never half a one.
 
-    ``selfprune_report.json`` holds ``metadata`` plus, unless it already has one, the model's PruneReport.
+    ``selfprune_report.json`` holds ``metadata`` plus, unless it already has one, the model's PruneReport;
+    ``imatrix`` (an ``ImportanceMatrix`` of the pruned model) goes beside it as ``imatrix.gguf``.
     """
     if not hasattr(model.config, "selfprune"):
         raise SelfpruneError("this model was not pruned by selfprune: prune it first (selfprune.prune)")
@@ -77,6 +79,10 @@ def save_pruned(model, tokenizer, out_dir, metadata: dict | None = None, overwri
         shutil.copyfile(Path(__file__).with_name(MODELING_FILE), tmp / MODELING_FILE)
         atomic_write_json(tmp / INDICES_FILE, {"format_version": FORMAT_VERSION, "layers": indices})
         atomic_write_json(tmp / REPORT_FILE, metadata)
+        if imatrix is not None:
+            from .imatrix import IMATRIX_FILE
+
+            imatrix.save(tmp / IMATRIX_FILE)
     return out_dir
 
 

@@ -100,11 +100,10 @@ def tiny_model(family: str, vocab_size: int = 49152, seed: int = 0, **config_ove
     import transformers
 
     config_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(
-        vocab_size=vocab_size, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
-        max_position_embeddings=256, tie_word_embeddings=True,
-        **({"head_dim": 96 // extra["num_attention_heads"]} | extra | config_overrides),
-    )
+    defaults = {"vocab_size": vocab_size, "hidden_size": 96, "intermediate_size": 128, "num_hidden_layers": 4,
+                "max_position_embeddings": 256, "tie_word_embeddings": True,
+                "head_dim": 96 // extra["num_attention_heads"]}
+    config = getattr(transformers, config_name)(**(defaults | extra | config_overrides))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     # Random init gives near-zero activations' spread; larger weights make the masking tests meaningful.

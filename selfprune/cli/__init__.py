@@ -15,7 +15,7 @@ from ..errors import SelfpruneError
 from .common import ArgumentParser, HelpFormatter, verbosity_parent
 
 #: Subcommands in the order --help lists them; each is a module here with ``register(subparsers)``.
-SUBCOMMANDS = ("prune", "ppl", "search", "eval", "speed", "report", "recover", "export", "config")
+SUBCOMMANDS = ("prune", "ppl", "search", "eval", "speed", "report", "recover", "imatrix", "export", "config")
 
 
 def build_parser() -> ArgumentParser:

@@ -25,6 +25,9 @@ def register(sub, parents=()):
                    help="--reconstruct lstsq: fit layer i on the outputs of layers 0..i-1 already pruned and refit "
                         "(SlimGPT / OSSCAR) instead of on the dense model's activations")
     add_calibration_options(p)
+    p.add_argument("--imatrix", action="store_true",
+                   help="also save the pruned model's importance matrix (imatrix.gguf, on the calibration text): "
+                        "selfprune export then gives it to llama.cpp's quantizer")
     p.add_argument("--ppl-dataset", default="wikitext2",
                    help=f"report dense vs pruned perplexity on this text: {', '.join(PPL_DATASETS)} or a .txt/.jsonl path")
     p.add_argument("--ppl-split", default="test", choices=("test", "validation"), help="split for the perplexity report")
@@ -94,7 +97,12 @@ def _prune(args, rates, out) -> int:
         s = evaluator.settings
         print(f"perplexity on {s['dataset']}/{s['split']} (seq-len {s['seq_len']}, {s['predicted_tokens']:,} predicted "
               f"tokens): dense {dense_ppl['ppl']:.2f} -> pruned {pruned_ppl['ppl']:.2f}")
-    save_pruned(pruned, tokenizer, out, result, overwrite=args.overwrite)
-    print(f"saved the pruned model to {out}")
+    imatrix = None
+    if args.imatrix:
+        from ..imatrix import collect_imatrix
+
+        imatrix = collect_imatrix(pruned, tokenizer, calibration, progress=True)
+    save_pruned(pruned, tokenizer, out, result, overwrite=args.overwrite, imatrix=imatrix)
+    print(f"saved the pruned model to {out}" + (" with its importance matrix (imatrix.gguf)" if imatrix else ""))
     say(reload_hint(out))
     return 0

@@ -12,6 +12,7 @@ contexts, so every thread count sees the same memory layout.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import statistics
@@ -341,3 +342,82 @@ def format_speed_gguf(result: dict) -> str:
               f"{result['repeats']} after {result['warmup']} warm-up, interleaved; time ratios are pruned/dense; "
               f"load average {result['load_average_before'][0]:.1f}")
     return "\n".join([header, *lines])
+
+
+# -- llama.cpp's own importance matrix ---------------------------------------------------------------------------
+class _GgmlTensor(ctypes.Structure):
+    pass
+
+
+_GgmlTensor._fields_ = [  # ggml.h's struct ggml_tensor (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10)
+    ("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4),
+    ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(_GgmlTensor) * 10), ("view_src", ctypes.POINTER(_GgmlTensor)), ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64), ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+
+
+def llamacpp_imatrix(path: str | os.PathLike, windows, threads: int = 1):
+    """The importance matrix llama.cpp itself computes for a GGUF file on token ``windows`` (what ``llama-imatrix``
+    collects: for every ``blk.*`` matrix multiplication of 16 tokens or more, the per-column sum of squared f32
+    inputs), through the graph-evaluation callback. An independent check of ``selfprune.imatrix``."""
+    from ..export import check_gguf_file
+    from ..export.gguf_export import _quiet_native_output
+    from ..export.quantize import ImportanceMatrix, ggml_library
+
+    llama_cpp = _import_llama_cpp()
+    path = check_gguf_file(path)
+    windows = [[int(t) for t in w] for w in windows]
+    lib = ggml_library()
+    mul_mat = next(i for i in range(200) if lib.ggml_op_name(i) == b"MUL_MAT")
+    result = ImportanceMatrix(datasets=[f"{len(windows)} windows"], chunk_size=len(windows[0]))
+
+    def collect(tensor_ptr, ask, _user_data):
+        t = ctypes.cast(tensor_ptr, ctypes.POINTER(_GgmlTensor)).contents
+        if t.op != mul_mat or not t.src[0] or not t.src[1]:
+            return False if ask else True
+        src0, src1 = t.src[0].contents, t.src[1].contents
+        name = src0.name.decode()
+        wanted = name.startswith("blk.") and src1.type == 0 and src1.ne[1] * src1.ne[2] * src1.ne[3] >= 16
+        if ask:
+            return wanted
+        if wanted:
+            cols, rows = src1.ne[0], src1.ne[1] * src1.ne[2] * src1.ne[3]
+            span = (rows - 1) * src1.nb[1] + cols * 4
+            raw = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(src1.data))
+            x = np.lib.stride_tricks.as_strided(raw.view(np.float32), (rows, cols), (src1.nb[1], 4)).astype(np.float64)
+            result.add(name, (x * x).sum(0), rows)
+        return True
+
+    callback = llama_cpp.ggml_backend_sched_eval_callback(collect)
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    with _quiet_native_output():
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise SelfpruneError(f"llama.cpp could not load {path}: export it again with selfprune export")
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = max(len(w) for w in windows)
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F32   # the PyTorch side attends in f32 too
+    cparams.cb_eval, cparams.cb_eval_user_data = callback, None
+    with _quiet_native_output():
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+    batch = llama_cpp.llama_batch_init(cparams.n_ctx, 0, 1)
+    try:
+        for window in windows:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            # logits for every token, as llama-imatrix asks: otherwise the last layer's MLP sees one row
+            batch.n_tokens = len(window)
+            for i, token in enumerate(window):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
+                batch.seq_id[i][0] = 0
+            with _quiet_native_output():
+                code = llama_cpp.llama_decode(ctx, batch)
+            if code != 0:
+                raise SelfpruneError(f"llama.cpp could not evaluate a window of {len(window)} tokens with {path}")
+    finally:
+        with _quiet_native_output():
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_free(ctx)
+            llama_cpp.llama_model_free(model)
+    return result

@@ -1,4 +1,7 @@
-"""Export to serving formats: GGUF for llama.cpp (dense and pruned models, f32 / f16 / quantized)."""
-from .gguf_export import DEFAULT_FFN_MULTIPLE, OUTTYPES, check_gguf_file, export_gguf, layer_shapes, quantize_gguf
+"""GGUF export for llama.cpp and llama.cpp's quantizer."""
+from .gguf_export import (DEFAULT_FFN_MULTIPLE, OUTTYPES, check_gguf_file, export_gguf, layer_shapes, quantize_gguf,
+                          ties_embeddings)
+from .quantize import ImportanceMatrix, parse_tensor_types
 
-__all__ = ["DEFAULT_FFN_MULTIPLE", "OUTTYPES", "check_gguf_file", "export_gguf", "layer_shapes", "quantize_gguf"]
+__all__ = ["DEFAULT_FFN_MULTIPLE", "OUTTYPES", "ImportanceMatrix", "check_gguf_file", "export_gguf", "layer_shapes",
+           "parse_tensor_types", "quantize_gguf", "ties_embeddings"]

@@ -10,7 +10,8 @@ What makes the file compute exactly what the PyTorch model computes:
   converter does (its rope pairs dimensions i and i + head_dim/2 the GPT-J way after the permutation);
 - ``attention.key_length`` / ``value_length`` and the rope dimension are written as head_dim explicitly
   (llama.cpp would otherwise derive them from layer 0, which may have been pruned);
-- rope base, rope scaling and the RMS epsilon come from the config; ``output.weight`` is always written;
+- rope base, rope scaling and the RMS epsilon come from the config; a tied output matrix is not written
+  (llama.cpp uses ``token_embd.weight`` when ``output.weight`` is absent, as its own converter relies on);
 - the tokenizer fields are copied from a GGUF with the same vocabulary (the default model's) or built from
   the Hugging Face tokenizer the way llama.cpp's converter builds a BPE vocabulary.
 
@@ -20,7 +21,8 @@ layer whose MLP width is 0, ignores ``attn_output.bias`` when a layer has no hea
 from layer 0's head count. There one all-zero stand-in (a head, or an MLP channel) is written, which
 contributes exactly its bias (or nothing) and costs next to no compute.
 
-Other outtypes than f32 / f16 are made by llama.cpp's own quantizer from a temporary f32 file.
+Other outtypes than f32 / f16 are made by llama.cpp's own quantizer from a temporary f32 file, with its preset's
+per-tensor rules, optional pattern overrides and an optional importance matrix (``quantize.py``).
 
 MLP widths are written padded with all-zero channels to a multiple of ``ffn_multiple`` (default 32; the
 outputs are unchanged: a channel whose gate and up rows are zero contributes nothing). A pruned width such as
@@ -45,20 +47,12 @@ from ..errors import SelfpruneError
 
 log = logging.getLogger(__name__)
 
+from .quantize import (PRESETS, WRITTEN_DIRECTLY, ImportanceMatrix, TypeOverride, check_outtype, run_llama_quantize)
+
 ARCH = "deci"
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
-#: outtype -> name of llama.cpp's ``LLAMA_FTYPE_*`` constant (f32 / f16 are written directly).
-OUTTYPES = {
-    "f32": "LLAMA_FTYPE_ALL_F32",
-    "f16": "LLAMA_FTYPE_MOSTLY_F16",
-    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
-WRITTEN_DIRECTLY = ("f32", "f16")
+#: outtype -> llama.cpp's ``LLAMA_FTYPE_*`` constant (the presets of ``llama-quantize``)
+OUTTYPES = PRESETS
 #: MLP widths are padded to a multiple of this (the block size of llama.cpp's q8_0 / q4_0 / q5_0 types).
 DEFAULT_FFN_MULTIPLE = 32
 
@@ -85,13 +79,6 @@ class LayerShape:
     def padded_channels(self) -> int:
         """All-zero channels added to reach the written width (0 for a stand-in or an unpadded layer)."""
         return self.ffn - self.model_ffn if self.model_ffn else 0
-
-
-def check_outtype(outtype: str) -> str:
-    key = outtype.lower()
-    if key not in OUTTYPES:
-        raise SelfpruneError(f"unknown GGUF outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
-    return key
 
 
 def check_exportable(model) -> None:
@@ -322,11 +309,24 @@ def _tensors(model, shapes: list[LayerShape]):
             if mlp.down.bias is not None:
                 yield f"{prefix}.ffn_down.bias", mlp.down.bias
     yield "output_norm.weight", decoder.norm.weight
-    yield "output.weight", model.get_output_embeddings().weight  # written even when tied to the embeddings
+    if not ties_embeddings(model):
+        yield "output.weight", model.get_output_embeddings().weight
+
+
+def ties_embeddings(model) -> bool:
+    """Whether the output matrix is the embedding matrix (then the file holds it once, as llama.cpp's converter
+    writes it): the same tensor, or equal values under a config that declares them tied."""
+    output, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None:
+        return True
+    if output.weight is embed.weight or output.weight.data_ptr() == embed.weight.data_ptr():
+        return True
+    declared = getattr(model.config, "tie_word_embeddings", False)
+    return bool(declared) and output.weight.shape == embed.weight.shape and torch.equal(output.weight, embed.weight)
 
 
 def _write_gguf(model, tokenizer, path: Path, float_type: str, tokenizer_gguf: Path | None, name: str,
-                ffn_multiple: int = 1) -> None:
+                ffn_multiple: int = 1, metadata: dict | None = None) -> None:
     import gguf
 
     from ..adapters import get_adapter
@@ -362,6 +362,13 @@ def _write_gguf(model, tokenizer, path: Path, float_type: str, tokenizer_gguf: P
         extra["rope_freqs.weight"] = _llama3_rope_factors(rope, head_dim, theta)
     elif rope_type != "default":
         raise SelfpruneError(f"rope scaling {rope_type!r} is not supported by the GGUF export: use default, linear or llama3")
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_uint32(key, int(value))
     if tokenizer_gguf is not None:
         _copy_tokenizer_fields(writer, Path(tokenizer_gguf), vocab_size)
     else:
@@ -395,31 +402,54 @@ def _publish(tmp: Path, out_path: Path) -> None:
     os.replace(tmp, out_path)
 
 
-def quantize_gguf(source: str | os.PathLike, out_path: str | os.PathLike, outtype: str, threads: int = 0) -> Path:
+def quantize_gguf(source: str | os.PathLike, out_path: str | os.PathLike, outtype: str, threads: int = 0,
+                  importance: dict[str, np.ndarray] | None = None,
+                  tensor_types: list[TypeOverride] | None = None) -> Path:
     """llama.cpp's quantizer (through llama-cpp-python) from an f32/f16 GGUF; the output appears whole or not at all.
 
-    Tensors whose row length the target type cannot hold (an odd MLP width in ``ffn_down``) fall back to
-    another type inside llama.cpp (a 32-block type, else F16); the file is still valid.
+    ``importance``: importance-matrix weights by tensor name (each as long as the tensor's rows);
+    ``tensor_types``: pattern overrides of the preset's per-tensor types. Tensors whose row length a type cannot
+    hold fall back to another type inside llama.cpp (a 32-block type, else F16); the file is still valid.
     """
-    import llama_cpp
-
     outtype = check_outtype(outtype)
     source, out_path = Path(source), Path(out_path)
     check_gguf_file(source)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(out_path, ".partial")
     try:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, OUTTYPES[outtype])
-        params.nthread = threads
-        with _quiet_native_output():  # llama.cpp prints one line per tensor
-            code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
-        if code != 0:
-            raise SelfpruneError(f"llama.cpp could not quantize {source} to {outtype} (code {code}): try q8_0 or f16")
+        run_llama_quantize(source, tmp, outtype, threads, importance, tensor_types)
         _publish(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return out_path
+
+
+def importance_for_file(model, imatrix: ImportanceMatrix, ffn_multiple: int) -> dict[str, np.ndarray]:
+    """The quantizer's importance weights for the tensors as written: every entry must match the model's widths
+    (a matrix of another model, or of the model before pruning, is refused); ffn_down entries are extended over
+    the zero channels the export pads with (their weights are zero: any importance gives the same bytes)."""
+    from ..adapters import get_adapter
+
+    adapter = get_adapter(model)
+    weights = imatrix.means()
+    out = {}
+    for index, (layer, shape) in enumerate(zip(adapter.layers(), layer_shapes(model, ffn_multiple))):
+        attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
+        for name, linear, written in (("attn_q", attn.q, None), ("attn_k", attn.k, None), ("attn_v", attn.v, None),
+                                      ("attn_output", attn.o, None), ("ffn_gate", mlp.gate, None),
+                                      ("ffn_up", mlp.up, None), ("ffn_down", mlp.down, shape.ffn)):
+            key = f"blk.{index}.{name}.weight"
+            values = weights.get(key)
+            if values is None or (name == "attn_output" and shape.stand_in_head) or shape.stand_in_channel and name == "ffn_down":
+                continue
+            if values.size != linear.in_features:
+                raise SelfpruneError(f"the importance matrix has {values.size} values for {key}, but the model's "
+                                     f"{name} takes {linear.in_features} inputs: compute it for this model "
+                                     "(selfprune imatrix, or export --calibrate)")
+            if written is not None and written > values.size:
+                values = np.concatenate([values, np.full(written - values.size, float(values.mean()), np.float32)])
+            out[key] = values
+    return out
 
 
 def _quiet_native_output():
@@ -447,14 +477,17 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
 
 def export_gguf(model, tokenizer, out_path: str | os.PathLike, outtype: str = "f16",
                 tokenizer_gguf: str | os.PathLike | None = None, overwrite: bool = False, threads: int = 0,
-                ffn_multiple: int = DEFAULT_FFN_MULTIPLE) -> Path:
+                ffn_multiple: int = DEFAULT_FFN_MULTIPLE, imatrix: ImportanceMatrix | None = None,
+                tensor_types: list[TypeOverride] | None = None, imatrix_source: str | None = None) -> Path:
     """Write ``model`` (dense or pruned LLaMA / Mistral) as a GGUF file llama.cpp runs; returns its path.
 
     ``tokenizer_gguf``: a GGUF whose tokenizer fields are copied (same vocabulary); if None, the packaged
     default model's GGUF when the vocabularies match, else a BPE vocabulary built from ``tokenizer``.
     The file is written under a temporary name and renamed, so a failed export leaves nothing behind.
     ``ffn_multiple``: MLP widths are padded with zero channels to a multiple of it (1: as pruned; see the module
-    docstring for why 32 is the default).
+    docstring for why 32 is the default). ``imatrix``: the model's importance matrix (``selfprune.imatrix``), given
+    to llama.cpp's quantizer and recorded in the file as ``llama-quantize`` records it (``imatrix_source`` names
+    its file). ``tensor_types``: per-tensor type overrides of the preset (``quantize.parse_tensor_types``).
     """
     outtype = check_outtype(outtype)
     out_path = Path(out_path).expanduser()
@@ -464,6 +497,17 @@ def export_gguf(model, tokenizer, out_path: str | os.PathLike, outtype: str = "f
         raise SelfpruneError(f"output path {out_path} is a folder: give a file path ending in .gguf")
     check_exportable(model)
     layer_shapes(model, ffn_multiple)  # a bad ffn_multiple is refused before anything is written
+    if tensor_types and outtype in ("f32", "f16", "bf16"):
+        raise SelfpruneError(f"--tensor-types needs a quantized outtype (llama.cpp applies overrides within its "
+                             f"quantized presets only), not {outtype}: e.g. --outtype q8_0 with ffn_down=f16")
+    quantized = outtype not in WRITTEN_DIRECTLY
+    importance, metadata = None, {}
+    if imatrix is not None and quantized:
+        importance = importance_for_file(model, imatrix, ffn_multiple)  # a mismatched matrix fails before writing
+        metadata = {"quantize.imatrix.file": imatrix_source or "selfprune",
+                    "quantize.imatrix.dataset": (imatrix.datasets or ["selfprune"])[0],
+                    "quantize.imatrix.entries_count": len(importance),
+                    "quantize.imatrix.chunks_count": imatrix.tokens // max(imatrix.chunk_size, 1)}
     vocab_size = model.get_input_embeddings().weight.shape[0]
     if tokenizer_gguf is not None:
         tokenizer_gguf = check_gguf_file(tokenizer_gguf)
@@ -471,14 +515,14 @@ def export_gguf(model, tokenizer, out_path: str | os.PathLike, outtype: str = "f
         tokenizer_gguf = find_tokenizer_gguf(tokenizer, vocab_size)
     name = Path(getattr(model.config, "_name_or_path", "") or "model").name or "model"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    float_type = outtype if outtype in WRITTEN_DIRECTLY else "f32"
+    float_type = "f32" if quantized else outtype
     tmp = _temp_sibling(out_path, f".{float_type}.partial")
     try:
-        _write_gguf(model, tokenizer, tmp, float_type, tokenizer_gguf, name, ffn_multiple)
-        if outtype in WRITTEN_DIRECTLY:
+        _write_gguf(model, tokenizer, tmp, float_type, tokenizer_gguf, name, ffn_multiple, metadata)
+        if not quantized:
             _publish(tmp, out_path)
         else:
-            quantize_gguf(tmp, out_path, outtype, threads)
+            quantize_gguf(tmp, out_path, outtype, threads, importance, tensor_types)
     finally:
         tmp.unlink(missing_ok=True)
     return out_path

@@ -1,0 +1,273 @@
+"""Deploy II benchmark: the size / quality frontier of GGUF files llama.cpp runs, dense and pruned.
+
+SmolLM2-135M-Instruct. Dense at every llama-quantize preset, without and with an importance matrix; pruned models
+(uniform FLAP at 10 / 20 / 30 / 50% and the best searched allocation at 20 / 30 / 50%, both refit by least squares,
+the best training-free finish in bench/results/reconstruct.md) at q8_0 / q4_k_m / q3_k_m / q2_k with their own
+importance matrix (q6_k was left out for the pruned models, to fit the benchmark into one session). Columns: file MiB, MiB of the decoder layers alone (what scales to 7B / 70B, where the
+embeddings are 2-4% of the weights), llama.cpp perplexity (WikiText-2 test, 80 windows of 128, the PyTorch
+evaluator's windows, llama.cpp's default f16 KV cache), and with --speed prefill / decode tokens/s at 1 and 2
+threads, each pruned file timed interleaved with the dense file of the same preset.
+
+    python bench/bench_frontier.py --quality       # export, quantize, perplexity (rows appended, resumable)
+    python bench/bench_frontier.py --speed         # prefill / decode timings (run on an otherwise idle machine)
+    python bench/bench_frontier.py --render        # frontier.json, frontier.md and the plots from the rows
+
+Importance matrices: C4 validation, 128 x 128 tokens, seed 0 (the calibration text), each model's own (after
+pruning and refit), computed by selfprune.imatrix. The work files go to $SELFPRUNE_GGUF_WORK
+(/tmp/selfprune-frontier by default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from common import DATA_DIR, RESULTS, best_searched_row, versions
+
+from selfprune.calibration import CalibrationConfig
+from selfprune.io import atomic_write_json, atomic_write_text
+
+ROWS = RESULTS / "frontier_rows.jsonl"
+WORK = Path(os.environ.get("SELFPRUNE_GGUF_WORK", "/tmp/selfprune-frontier"))
+DENSE_PRESETS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "q3_k_m", "q3_k_s", "q2_k", "iq3_xxs",
+                 "iq2_xs")
+PRUNED_PRESETS = ("q8_0", "q4_k_m", "q3_k_m", "q2_k")
+UNIFORM_RATES = (0.1, 0.2, 0.3, 0.5)
+SEARCHED_RATES = (0.2, 0.3, 0.5)
+CALIBRATION = CalibrationConfig(source="c4", num_samples=128, seq_len=128, seed=0, data_dir=DATA_DIR)
+WINDOWS = 80
+SPEED_PRESETS = ("q8_0", "q4_k_m")
+
+
+def load_rows() -> list[dict]:
+    return [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()] if ROWS.exists() else []
+
+
+def append(row: dict) -> None:
+    with open(ROWS, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k not in ("rates", "versions")}))
+
+
+def model_plan() -> dict[str, dict]:
+    """name -> how the model is made (rates, criterion); the searched rates are pinned in the rows once measured."""
+    plan = {"dense": {"rates": None, "method": "dense"}}
+    for rate in UNIFORM_RATES:
+        plan[f"uniform-{rate:g}"] = {"rates": rate, "criterion": "flap", "method": "uniform FLAP + lstsq refit"}
+    pinned = {r["model"]: r for r in load_rows() if r["model"].startswith("searched")}
+    for rate in SEARCHED_RATES:
+        name = f"searched-{rate:g}"
+        if name in pinned:
+            plan[name] = {"rates": pinned[name]["rates"], "criterion": pinned[name]["criterion"],
+                          "method": pinned[name]["method"]}
+            continue
+        row = best_searched_row(rate)
+        if row:
+            plan[name] = {"rates": row["best_rates"], "criterion": row["criterion"],
+                          "method": f"searched ({row['operator']}, seed {row['seed']}) + lstsq refit"}
+    return plan
+
+
+def decoder_mib(path: Path) -> float:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.")) / 2**20
+
+
+class Frontier:
+    def __init__(self):
+        from bench_reconstruct import Bench
+
+        self.bench = Bench("default")
+        self.tokenizer = self.bench.tokenizer
+        self.windows = self.bench.evaluators["test"].windows[:WINDOWS]
+
+    def build(self, spec: dict):
+        from selfprune.reconstruction import DEFAULT_RIDGE
+
+        if spec["rates"] is None:
+            return self.bench.model
+        pruner = self.bench.pruner(spec["criterion"], "lstsq", DEFAULT_RIDGE)
+        rates = spec["rates"] if isinstance(spec["rates"], list) else [spec["rates"]] * pruner.num_layers
+        return pruner.build(rates)[0]
+
+    def quality(self, name: str, spec: dict, presets, with_imatrix: tuple[bool, ...], done: set) -> None:
+        from selfprune.evaluation.llamacpp import gguf_perplexity
+        from selfprune.export import export_gguf, quantize_gguf
+        from selfprune.export.gguf_export import importance_for_file
+        from selfprune.export.quantize import NEEDS_IMATRIX, ImportanceMatrix
+        from selfprune.imatrix import collect_imatrix
+
+        todo = [(p, m) for p in presets for m in with_imatrix if (name, p, m) not in done
+                and not (p in NEEDS_IMATRIX and not m) and not (p == "f16" and m)]
+        if not todo:
+            return
+        WORK.mkdir(parents=True, exist_ok=True)
+        model = self.build(spec)
+        f32 = WORK / f"{name}.f32.gguf"
+        if not f32.exists():
+            export_gguf(model, self.tokenizer, f32, "f32", overwrite=True)
+        matrix_file = WORK / f"{name}.imatrix.gguf"
+        if any(m for _, m in todo) and not matrix_file.exists():
+            start = time.perf_counter()
+            collect_imatrix(model, self.tokenizer, CALIBRATION).save(matrix_file)
+            print(f"{name}: importance matrix in {time.perf_counter() - start:.0f} s")
+        for preset, use_matrix in todo:
+            importance = importance_for_file(model, ImportanceMatrix.load(matrix_file), 32) if use_matrix else None
+            path = WORK / f"{name}.{preset}{'.imatrix' if use_matrix else ''}.gguf"
+            start = time.perf_counter()
+            if preset == "f16":
+                export_gguf(model, self.tokenizer, path, "f16", overwrite=True)
+            else:
+                quantize_gguf(f32, path, preset, threads=1, importance=importance)
+            quantize_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            ppl = gguf_perplexity(path, windows=self.windows, threads=1)
+            append({"model": name, "method": spec["method"], "criterion": spec.get("criterion"),
+                    "rates": spec["rates"], "preset": preset, "imatrix": use_matrix,
+                    "mib": path.stat().st_size / 2**20, "decoder_mib": decoder_mib(path), "ppl": ppl["ppl"],
+                    "quantize_seconds": quantize_seconds, "ppl_seconds": time.perf_counter() - start,
+                    "settings": {"ppl": {k: ppl[k] for k in ("seq_len", "windows", "tokens", "predicted_tokens")}
+                                 | {"text": "wikitext2/test", "kv_cache": "f16"},
+                                 "imatrix": CALIBRATION.to_dict() if use_matrix else None, "ffn_multiple": 32},
+                    "versions": versions()})
+            if preset not in SPEED_PRESETS:
+                path.unlink()   # the timed presets' files stay for --speed
+
+
+def run_quality(models: list[str] | None) -> None:
+    plan = model_plan()
+    frontier = Frontier()
+    done = {(r["model"], r["preset"], r["imatrix"]) for r in load_rows() if r.get("kind") != "speed"}
+    for name, spec in plan.items():
+        if models and name not in models:
+            continue
+        if name == "dense":
+            frontier.quality(name, spec, DENSE_PRESETS, (False, True), done)
+        else:
+            frontier.quality(name, spec, PRUNED_PRESETS, (True,), done)
+
+
+def run_speed() -> None:
+    """Each pruned file against the dense file of the same preset (both with importance matrices), interleaved."""
+    from selfprune.evaluation.llamacpp import compare_speed_gguf
+
+    done = {(r["model"], r["preset"]) for r in load_rows() if r.get("kind") == "speed"}
+    for preset in SPEED_PRESETS:
+        dense = WORK / f"dense.{preset}.imatrix.gguf"
+        for path in sorted(WORK.glob(f"*.{preset}.imatrix.gguf")):
+            name = path.name.split(f".{preset}")[0]
+            if name == "dense" or (name, preset) in done or not dense.exists():
+                continue
+            result = compare_speed_gguf(path, dense, threads=(1, 2))
+            append({"kind": "speed", "model": name, "preset": preset, "imatrix": True, **result,
+                    "load_average": os.getloadavg(), "versions": versions()})
+
+
+# -- the table and the plots -------------------------------------------------------------------------------
+def pareto(rows: list[dict], key: str = "mib") -> set[int]:
+    """Indices of the rows no other row beats on both ``key`` and perplexity."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][key], rows[i]["ppl"]))
+    front, best = set(), float("inf")
+    for i in order:
+        if rows[i]["ppl"] < best:
+            front.add(i)
+            best = rows[i]["ppl"]
+    return front
+
+
+def render() -> None:
+    rows = [r for r in load_rows() if "ppl" in r and r.get("kind") != "speed"]
+    front = pareto(rows)
+    front_decoder = pareto(rows, "decoder_mib")
+    lines = ["# The size / quality frontier: SmolLM2-135M GGUF files, dense and pruned", "",
+             "llama.cpp perplexity on WikiText-2 test (80 windows of 128 tokens, the PyTorch evaluator's windows, "
+             "llama.cpp's default f16 KV cache). Pruned models: FLAP, structure mlp_first, GQA policy group, refit by "
+             "least squares (ridge 1e-5, C4 128 x 128 calibration); searched = the allocation with the best "
+             "validation fitness in results/search*.json. Importance matrices: each model's own, C4 validation "
+             "128 x 128 tokens. MLP widths padded to multiples of 32. 'front': on the Pareto front of file MiB vs "
+             "perplexity over every row; 'front (layers)': of decoder-layer MiB vs perplexity. Generated by "
+             "bench/bench_frontier.py from frontier.json.", "",
+             "| model | preset | imatrix | MiB | decoder MiB | ppl | front | front (layers) |", "|---|---|---|---|---|---|---|---|"]
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["mib"])
+    for i in order:
+        r = rows[i]
+        lines.append(f"| {r['model']} | {r['preset']} | {'yes' if r['imatrix'] else 'no'} | {r['mib']:.1f} | "
+                     f"{r['decoder_mib']:.1f} | {r['ppl']:.2f} | {'**yes**' if i in front else ''} | "
+                     f"{'**yes**' if i in front_decoder else ''} |")
+    lines += ["", "## Importance matrix: same preset, without vs with", "",
+              "| preset | MiB | ppl without | ppl with | change |", "|---|---|---|---|---|"]
+    dense = {(r["preset"], r["imatrix"]): r for r in rows if r["model"] == "dense"}
+    for preset in DENSE_PRESETS:
+        if (preset, False) in dense and (preset, True) in dense:
+            a, b = dense[(preset, False)], dense[(preset, True)]
+            lines.append(f"| {preset} | {a['mib']:.1f} | {a['ppl']:.2f} | {b['ppl']:.2f} | {b['ppl'] / a['ppl'] - 1:+.1%} |")
+    lines += ["", "## Findings", ""] + findings(rows, front, front_decoder)
+    data = {"rows": rows, "front": sorted(front), "front_decoder": sorted(front_decoder), "versions": versions()}
+    atomic_write_json(RESULTS / "frontier.json", data)
+    atomic_write_text(RESULTS / "frontier.md", "\n".join(lines) + "\n")
+    plot(rows, front, front_decoder)
+    print("\n".join(lines))
+
+
+def findings(rows, front, front_decoder) -> list[str]:
+    out = []
+    pruned_front = sorted({rows[i]["model"] for i in front if rows[i]["model"] != "dense"})
+    out.append(f"- On the file-size front: {len(front)} rows, "
+               + (f"pruned models among them: {', '.join(pruned_front)}." if pruned_front else
+                  "all of them dense: at every file size measured, quantizing the dense model harder beats pruning."))
+    pruned_layers = sorted({rows[i]["model"] for i in front_decoder if rows[i]["model"] != "dense"})
+    out.append(f"- Counting the decoder layers alone (how a 7B / 70B file scales): "
+               + (f"pruned models on the front: {', '.join(pruned_layers)}." if pruned_layers else
+                  "still only dense files on the front."))
+    return out
+
+
+def plot(rows, front, front_decoder) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        label = "dense" + (" + imatrix" if r["imatrix"] else "") if r["model"] == "dense" else r["model"]
+        groups.setdefault(label, []).append(i)
+    for ax, key, points in ((axes[0], "mib", front), (axes[1], "decoder_mib", front_decoder)):
+        for label, indices in sorted(groups.items()):
+            indices = sorted(indices, key=lambda i: rows[i][key])
+            ax.plot([rows[i][key] for i in indices], [rows[i]["ppl"] for i in indices], marker="o", ms=3, lw=1,
+                    label=label)
+        line = sorted(points, key=lambda i: rows[i][key])
+        ax.plot([rows[i][key] for i in line], [rows[i]["ppl"] for i in line], color="black", lw=2, alpha=0.35,
+                label="Pareto front")
+        ax.set_yscale("log")
+        ax.set_xlabel("file MiB" if key == "mib" else "decoder-layer MiB")
+        ax.set_ylabel("llama.cpp perplexity (WikiText-2 test)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M GGUF files: perplexity against size")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "frontier.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--render", action="store_true")
+    parser.add_argument("--models", default=None, help="comma list of model names (dense, uniform-0.2, searched-0.5)")
+    args = parser.parse_args()
+    if args.quality:
+        run_quality(args.models.split(",") if args.models else None)
+    if args.speed:
+        run_speed()
+    if args.render or args.quality or args.speed:
+        render()
+
+
+if __name__ == "__main__":
+    main()
