@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 from .quantize import (PRESETS, WRITTEN_DIRECTLY, ImportanceMatrix, TypeOverride, check_outtype, run_llama_quantize)
 
 ARCH = "deci"
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
+#: families written with another llama.cpp graph than ``deci`` (module with ``write``), every layer padded to one shape
+PADDED_FAMILIES = {"gemma3_text": "gguf_gemma3"}
 #: outtype -> llama.cpp's ``LLAMA_FTYPE_*`` constant (the presets of ``llama-quantize``)
 OUTTYPES = PRESETS
 #: MLP widths are padded to a multiple of this (the block size of llama.cpp's q8_0 / q4_0 / q5_0 types).
@@ -82,21 +84,18 @@ class LayerShape:
 
 
 def check_exportable(model) -> None:
-    """A one-line error for a model the ``deci`` graph cannot express, before anything is written."""
+    """A one-line error for a model llama.cpp's graphs cannot express, before anything is written."""
     from ..adapters import get_adapter
 
     adapter = get_adapter(model)
     family = adapter.model_type
     if family == "qwen3":
-        raise SelfpruneError("Qwen3 cannot be exported to GGUF: llama.cpp's per-layer (deci) graph has no q/k norm; "
-                             "export LLaMA or Mistral models")
+        raise SelfpruneError("Qwen3 cannot be exported to GGUF yet: llama.cpp's per-layer (deci) graph has no q/k norm; "
+                             "export LLaMA, Mistral, Qwen2 or Gemma 3 models")
     if family not in SUPPORTED_FAMILIES:
         raise SelfpruneError(f"GGUF export supports {', '.join(SUPPORTED_FAMILIES)}, not {family!r}")
-    if family == "qwen2":
-        pruned = [i for i, layer in enumerate(adapter.layers()) if adapter.layer_shape(layer)[:2] != (adapter.num_heads, adapter.num_kv_heads)]
-        if pruned:
-            raise SelfpruneError(f"Qwen2 with pruned attention heads (layers {pruned[:5]}) cannot be exported to GGUF: "
-                                 "llama.cpp checks its q/k/v biases against the full width; prune only MLP channels")
+    if family in PADDED_FAMILIES:
+        _padded_writer(family).check_gemma3(model)
     window = getattr(model.config, "sliding_window", None)
     if family == "mistral" and window and window < getattr(model.config, "max_position_embeddings", 0):
         log.warning("sliding window %d is not written: llama.cpp's deci graph attends to the whole context", window)
@@ -186,15 +185,28 @@ def default_model_gguf() -> Path | None:
     return finder()
 
 
-def find_tokenizer_gguf(tokenizer, vocab_size: int) -> Path | None:
-    """The packaged default model's GGUF when its vocabulary is this tokenizer's (SmolLM2), else None."""
-    from ..models.loading import packaged_default_gguf
+def _padded_writer(family: str):
+    import importlib
 
-    candidate = packaged_default_gguf()
-    if candidate is None or tokenizer is None:
+    return importlib.import_module(f"{__package__}.{PADDED_FAMILIES[family]}")
+
+
+def find_tokenizer_gguf(tokenizer, vocab_size: int) -> Path | None:
+    """The GGUF of a model selfprune installs offline (SmolLM2, Gemma 3 270M) whose vocabulary is this
+    tokenizer's, else None."""
+    from ..models.gguf_metadata import read_metadata
+    from ..models.loading import cache_dir, packaged_default_gguf
+
+    if tokenizer is None:
         return None
-    tokens = _gguf_tokens(candidate)
-    return candidate if tokens is not None and tokens == _hf_tokens(tokenizer, vocab_size) else None
+    candidates = [packaged_default_gguf(), cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"]
+    for candidate in candidates:
+        if candidate is None or not Path(candidate).is_file():
+            continue
+        tokens = read_metadata(candidate).get("tokenizer.ggml.tokens", (None,))[0]
+        if tokens is not None and len(tokens) == vocab_size and tokens == _hf_tokens(tokenizer, vocab_size):
+            return Path(candidate)
+    return None
 
 
 def _copy_tokenizer_fields(writer, source: Path, vocab_size: int) -> None:
@@ -325,6 +337,16 @@ def ties_embeddings(model) -> bool:
     return bool(declared) and output.weight.shape == embed.weight.shape and torch.equal(output.weight, embed.weight)
 
 
+def _add_metadata(writer, metadata: dict) -> None:
+    for key, value in metadata.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_uint32(key, int(value))
+
+
 def _write_gguf(model, tokenizer, path: Path, float_type: str, tokenizer_gguf: Path | None, name: str,
                 ffn_multiple: int = 1, metadata: dict | None = None) -> None:
     import gguf
@@ -332,9 +354,19 @@ def _write_gguf(model, tokenizer, path: Path, float_type: str, tokenizer_gguf: P
     from ..adapters import get_adapter
 
     adapter = get_adapter(model)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    if adapter.model_type in PADDED_FAMILIES:
+        def add_tokenizer(writer):
+            if tokenizer_gguf is not None:
+                _copy_tokenizer_fields(writer, Path(tokenizer_gguf), vocab_size)
+            else:
+                _build_tokenizer_fields(writer, tokenizer, vocab_size)
+
+        _padded_writer(adapter.model_type).write(model, tokenizer, path, float_type, tokenizer_gguf, name, ffn_multiple,
+                                                 metadata or {}, _add_metadata, add_tokenizer)
+        return
     config = model.config
     shapes = layer_shapes(model, ffn_multiple)
-    vocab_size = model.get_input_embeddings().weight.shape[0]
     head_dim = adapter.head_dim
     theta, rope = _rope_settings(config)
     rope_type = (rope.get("rope_type") or rope.get("type") or "default").lower()
@@ -362,13 +394,7 @@ def _write_gguf(model, tokenizer, path: Path, float_type: str, tokenizer_gguf: P
         extra["rope_freqs.weight"] = _llama3_rope_factors(rope, head_dim, theta)
     elif rope_type != "default":
         raise SelfpruneError(f"rope scaling {rope_type!r} is not supported by the GGUF export: use default, linear or llama3")
-    for key, value in (metadata or {}).items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, list):
-            writer.add_array(key, value)
-        else:
-            writer.add_uint32(key, int(value))
+    _add_metadata(writer, metadata or {})
     if tokenizer_gguf is not None:
         _copy_tokenizer_fields(writer, Path(tokenizer_gguf), vocab_size)
     else:
@@ -432,22 +458,34 @@ def importance_for_file(model, imatrix: ImportanceMatrix, ffn_multiple: int) -> 
 
     adapter = get_adapter(model)
     weights = imatrix.means()
+    padded = adapter.model_type in PADDED_FAMILIES
+    shapes = layer_shapes(model, ffn_multiple)
+    spec = (getattr(model.config, "selfprune", None) or {}).get("layers")
     out = {}
-    for index, (layer, shape) in enumerate(zip(adapter.layers(), layer_shapes(model, ffn_multiple))):
+    for index, (layer, shape) in enumerate(zip(adapter.layers(), shapes)):
         attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
-        for name, linear, written in (("attn_q", attn.q, None), ("attn_k", attn.k, None), ("attn_v", attn.v, None),
-                                      ("attn_output", attn.o, None), ("ffn_gate", mlp.gate, None),
-                                      ("ffn_up", mlp.up, None), ("ffn_down", mlp.down, shape.ffn)):
+        ffn = _padded_writer(adapter.model_type).padded_ffn(model, ffn_multiple) if padded else shape.ffn
+        for name, linear in (("attn_q", attn.q), ("attn_k", attn.k), ("attn_v", attn.v), ("attn_output", attn.o),
+                             ("ffn_gate", mlp.gate), ("ffn_up", mlp.up), ("ffn_down", mlp.down)):
             key = f"blk.{index}.{name}.weight"
             values = weights.get(key)
-            if values is None or (name == "attn_output" and shape.stand_in_head) or shape.stand_in_channel and name == "ffn_down":
+            if values is None or not padded and (name == "attn_output" and shape.stand_in_head
+                                                 or name == "ffn_down" and shape.stand_in_channel):
                 continue
             if values.size != linear.in_features:
                 raise SelfpruneError(f"the importance matrix has {values.size} values for {key}, but the model's "
                                      f"{name} takes {linear.in_features} inputs: compute it for this model "
                                      "(selfprune imatrix, or export --calibrate)")
-            if written is not None and written > values.size:
-                values = np.concatenate([values, np.full(written - values.size, float(values.mean()), np.float32)])
+            fill = float(values.mean()) if values.size else 1.0   # zero rows and columns: any weight gives their bytes
+            if name == "ffn_down" and ffn > values.size:
+                values = np.concatenate([values, np.full(ffn - values.size, fill, np.float32)])
+            if name == "attn_output" and padded:   # heads back at their original positions
+                heads, head_dim = model.config.num_attention_heads, adapter.head_dim
+                kept = spec[index]["kept_query_heads"] if spec else list(range(heads))
+                full = np.full(heads * head_dim, fill, np.float32)
+                for position, head in enumerate(kept):
+                    full[head * head_dim:(head + 1) * head_dim] = values[position * head_dim:(position + 1) * head_dim]
+                values = full
             out[key] = values
     return out
 
