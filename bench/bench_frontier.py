@@ -39,6 +39,7 @@ SEARCHED_RATES = (0.2, 0.3, 0.5)
 CALIBRATION = CalibrationConfig(source="c4", num_samples=128, seq_len=128, seed=0, data_dir=DATA_DIR)
 WINDOWS = 80
 SPEED_PRESETS = ("q8_0", "q4_k_m")
+THREADS = 1   # llama.cpp threads for quantizing and perplexity (--threads); results do not depend on it
 
 
 def load_rows() -> list[dict]:
@@ -121,10 +122,10 @@ class Frontier:
             if preset == "f16":
                 export_gguf(model, self.tokenizer, path, "f16", overwrite=True)
             else:
-                quantize_gguf(f32, path, preset, threads=1, importance=importance)
+                quantize_gguf(f32, path, preset, threads=THREADS, importance=importance)
             quantize_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            ppl = gguf_perplexity(path, windows=self.windows, threads=1)
+            ppl = gguf_perplexity(path, windows=self.windows, threads=THREADS)
             append({"model": name, "method": spec["method"], "criterion": spec.get("criterion"),
                     "rates": spec["rates"], "preset": preset, "imatrix": use_matrix,
                     "mib": path.stat().st_size / 2**20, "decoder_mib": decoder_mib(path), "ppl": ppl["ppl"],
@@ -204,8 +205,26 @@ def render() -> None:
         if (preset, False) in dense and (preset, True) in dense:
             a, b = dense[(preset, False)], dense[(preset, True)]
             lines.append(f"| {preset} | {a['mib']:.1f} | {a['ppl']:.2f} | {b['ppl']:.2f} | {b['ppl'] / a['ppl'] - 1:+.1%} |")
+    speed = [r for r in load_rows() if r.get("kind") == "speed"]
+    if speed:
+        lines += ["", "## Speed in llama.cpp (each file against the dense file of the same preset, both with importance "
+                  "matrices)", "",
+                  f"Prefill {speed[0]['prompt_len']} tokens, decode {speed[0]['decode_tokens']} tokens; medians of "
+                  f"{speed[0]['repeats']} interleaved repeats; time ratio = pruned / dense (lower is faster), beside the "
+                  "FLOPs ideal. Load average before each pair in the last column.", "",
+                  "| model | preset | threads | prefill tok/s | dense prefill tok/s | prefill ratio | ideal | "
+                  "decode tok/s | dense decode tok/s | decode ratio | ideal | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(speed, key=lambda r: (r["preset"], r["model"])):
+            for count, row in r["threads"].items():
+                pre, dec = row["prefill"], row["decode"]
+                lines.append(f"| {r['model']} | {r['preset']} | {count} | {pre['pruned']['tokens_per_s']:.0f} | "
+                             f"{pre['dense']['tokens_per_s']:.0f} | {pre['time_ratio']:.3f} | {pre['ideal_ratio']:.3f} | "
+                             f"{dec['pruned']['tokens_per_s']:.1f} | {dec['dense']['tokens_per_s']:.1f} | "
+                             f"{dec['time_ratio']:.3f} | {dec['ideal_ratio']:.3f} | {r['load_average_before'][0]:.1f} |")
     lines += ["", "## Findings", ""] + findings(rows, front, front_decoder)
-    data = {"rows": rows, "front": sorted(front), "front_decoder": sorted(front_decoder), "versions": versions()}
+    data = {"rows": rows, "speed": speed, "front": sorted(front), "front_decoder": sorted(front_decoder),
+            "versions": versions()}
     atomic_write_json(RESULTS / "frontier.json", data)
     atomic_write_text(RESULTS / "frontier.md", "\n".join(lines) + "\n")
     plot(rows, front, front_decoder)
@@ -259,8 +278,11 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads for quantizing and perplexity")
     parser.add_argument("--models", default=None, help="comma list of model names (dense, uniform-0.2, searched-0.5)")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.quality:
         run_quality(args.models.split(",") if args.models else None)
     if args.speed:

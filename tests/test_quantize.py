@@ -6,6 +6,7 @@ callback, for the importance matrix.
 """
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -107,6 +108,21 @@ def test_each_preset_is_llama_cpps_own_quantization(wide_tiny, tmp_path):
             ggml = dequantize_tensor(data, kind, values.shape)
             assert np.array_equal(ggml, dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(values.shape))
     assert {"q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "q5_0", "q4_0", "iq4_xs"} <= seen_types
+
+
+@pytest.mark.integration
+def test_smollm2_presets_are_llama_cpps_own_quantization(smol, tmp_path):
+    """The default model's rows (576 values) make most k-quant tensors fall back to other types: each file is still
+    byte-identical to llama.cpp's quantizer run directly on the same f32 file."""
+    model, tokenizer = smol
+    f32 = export_gguf(model, tokenizer, tmp_path / "smol.f32.gguf", "f32")
+    for preset in ("q4_k_m", "q3_k_s", "q2_k"):
+        ours = export_gguf(model, tokenizer, tmp_path / f"smol.{preset}.gguf", preset, threads=2)
+        reference = tmp_path / f"ref.{preset}.gguf"
+        _reference_quantize(f32, reference, preset)
+        assert ours.read_bytes() == reference.read_bytes(), preset
+        ours.unlink()
+        reference.unlink()
 
 
 def test_tensor_type_overrides_win_over_the_preset(wide_tiny, tmp_path):
@@ -283,3 +299,28 @@ def test_cli_prune_imatrix_then_export_uses_it(data_dir, tmp_path):
         result = _cli("export", "--model", str(pruned), "--out", str(tmp_path / "refused.gguf"), *args)
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert not (tmp_path / "refused.gguf").exists()
+
+
+def test_search_saves_the_best_models_importance_matrix(tmp_path, capsys):
+    """search --imatrix: the saved model's own matrix (its pruned widths) beside it, which export then uses."""
+    from conftest import save_tiny_model
+
+    from selfprune.cli import main
+    from selfprune.models import load_model
+
+    folder = save_tiny_model(tmp_path / "tiny", "llama-gqa", vocab_size=257)
+    run = tmp_path / "run"
+    assert main(["search", "--model", str(folder), "--target", "0.3", "--operator", "uniform", "--seq-len", "32",
+                 "--fitness-windows", "2", "--fitness-dataset", "ptb", "--calib-samples", "4", "--calib-seq-len", "32",
+                 "--device", "cpu", "--no-progress", "--imatrix", "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["imatrix"] is True
+    matrix = ImportanceMatrix.load(run / "model" / "imatrix.gguf")
+    model, tokenizer = load_model(str(run / "model"))
+    for index, layer in enumerate(model.model.layers):
+        assert matrix.sums[f"blk.{index}.ffn_down.weight"].size == layer.mlp.down_proj.in_features
+        assert matrix.sums[f"blk.{index}.attn_output.weight"].size == layer.self_attn.o_proj.in_features
+    assert matrix.tokens == 4 * 32
+    out = tmp_path / "best.q8_0.gguf"
+    assert main(["export", "--model", str(run / "model"), "--outtype", "q8_0", "--out", str(out), "--threads", "1"]) == 0
+    fields = GGUFReader(str(out)).fields
+    assert bytes(fields["quantize.imatrix.file"].parts[-1]).decode() == str(run / "model" / "imatrix.gguf")

@@ -78,7 +78,7 @@ def _imatrix_choice(args):
 
 def run(args) -> int:
     from ..data import check_text_available
-    from ..export import check_gguf_file, export_gguf, layer_shapes
+    from ..export import check_gguf_file, export_gguf
     from ..export.quantize import ImportanceMatrix, parse_tensor_types
     from ..io import run_lock
     from ..models import load_model
@@ -102,11 +102,35 @@ def run(args) -> int:
                            overwrite=args.overwrite, threads=args.threads or 0, ffn_multiple=args.ffn_multiple,
                            imatrix=imatrix, tensor_types=tensor_types,
                            imatrix_source=str(imatrix_file) if imatrix_file else None)
-    shapes = layer_shapes(model, args.ffn_multiple)
-    say(f"per-layer query heads {[s.heads for s in shapes]}, MLP widths {[s.ffn for s in shapes]}"
-        + (f" ({sum(s.padded_channels for s in shapes)} zero channels added to reach multiples of {args.ffn_multiple})"
-           if any(s.padded_channels for s in shapes) else ""))
     if imatrix is not None:
         say(f"importance matrix: {imatrix_file or 'computed now'} ({imatrix.tokens:,} tokens)")
-    print(f"{path}: {args.outtype} GGUF (llama.cpp architecture 'deci'), {path.stat().st_size / 2**20:.1f} MiB")
+    say(_shape_summary(model, args.ffn_multiple))
+    print(f"{path}: {args.outtype} GGUF (llama.cpp architecture '{_architecture(model)}'), "
+          f"{path.stat().st_size / 2**20:.1f} MiB")
     return 0
+
+
+def _architecture(model) -> str:
+    from ..adapters import get_adapter
+    from ..export.gguf_export import ARCH, PADDED_FAMILIES, _padded_writer
+
+    family = get_adapter(model).model_type
+    return _padded_writer(family).ARCH if family in PADDED_FAMILIES else ARCH
+
+
+def _shape_summary(model, ffn_multiple: int) -> str:
+    """What the file's layers look like: per-layer widths (deci), or the one padded shape of other graphs."""
+    from ..adapters import get_adapter
+    from ..export import layer_shapes
+    from ..export.gguf_export import PADDED_FAMILIES, _padded_writer
+
+    family = get_adapter(model).model_type
+    if family in PADDED_FAMILIES:
+        writer = _padded_writer(family)
+        cost = writer.padding_cost(model, ffn_multiple)
+        return (f"llama.cpp's {writer.ARCH} graph takes one shape for every layer: {model.config.num_attention_heads} "
+                f"query heads, MLP width {cost['ffn']} ({cost['zero_parameters']:,} zero parameters of padding)")
+    shapes = layer_shapes(model, ffn_multiple)
+    return (f"per-layer query heads {[s.heads for s in shapes]}, MLP widths {[s.ffn for s in shapes]}"
+            + (f" ({sum(s.padded_channels for s in shapes)} zero channels added to reach multiples of {ffn_multiple})"
+               if any(s.padded_channels for s in shapes) else ""))

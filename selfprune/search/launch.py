@@ -126,6 +126,7 @@ def build_config(args) -> dict:
         "gqa_policy": args.gqa_policy,
         "reconstruction": {"method": args.reconstruct, "ridge": args.ridge,
                            "moments_dir": getattr(args, "moments_dir", None)},
+        "imatrix": bool(getattr(args, "imatrix", False)),
         "target": args.target,
         "bounds": list(bounds),
         "operator": args.operator,
@@ -275,7 +276,12 @@ def execute(config: dict, run_dir: Path, *, progress: bool = True, save_model: b
         path = Path(directory) / MODEL_DIR
         metadata = {"search": {"run_dir": str(directory), "operator": config["operator"],
                                "target": config["target"], "fitness": config["fitness"], "rates": rates}}
-        selfprune.save_pruned(pruned, tokenizer, path, metadata=metadata, overwrite=True)
+        imatrix = None
+        if config.get("imatrix"):   # the saved model's own, for llama.cpp's quantizer
+            from selfprune.imatrix import collect_imatrix
+
+            imatrix = collect_imatrix(pruned, tokenizer, calibration, progress=progress)
+        selfprune.save_pruned(pruned, tokenizer, path, metadata=metadata, overwrite=True, imatrix=imatrix)
         return {"path": str(path), "achieved_rate": report.achieved_rate}
 
     problem = SearchProblem(
@@ -361,8 +367,8 @@ def _rescore_settings(current: dict | None, args) -> dict:
 
 def apply_resume_overrides(config: dict, args) -> bool:
     """The few settings a resumed run may change: its budget, where the LLM server is now, the final
-    re-scoring of its best candidates, and where candidates are scored (workers, their threads, the Ray
-    cluster).
+    re-scoring of its best candidates, where candidates are scored (workers, their threads, the Ray
+    cluster), and whether the saved model gets its importance matrix (``--imatrix`` turns it on).
 
     None changes what was evaluated; returns whether the config changed."""
     changed = False
@@ -377,6 +383,8 @@ def apply_resume_overrides(config: dict, args) -> bool:
     rescore = _rescore_settings(config.get("rescore"), args)
     if rescore != config.get("rescore"):
         config["rescore"], changed = rescore, True
+    if getattr(args, "imatrix", False) and not config.get("imatrix"):
+        config["imatrix"], changed = True, True
     if args.budget is not None:
         if args.budget < 1:
             raise SelfpruneError(f"--budget {args.budget} is too small: use at least 1 evaluation")
