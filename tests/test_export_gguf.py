@@ -117,6 +117,8 @@ TINY_CASES = {
     "llama-gqa-lstsq-refit": ("llama-gqa", None, "lstsq"),
     # q/k/v biases sliced with their heads: llama.cpp's deci graph sizes them per layer
     "qwen2-pruned-heads-flap-bias": ("qwen2", True, "bias"),
+    # fused qkv_proj / gate_up_proj written as separate q / k / v and gate / up tensors
+    "phi3-flap-bias": ("phi3", True, "bias"),
 }
 
 
@@ -259,17 +261,26 @@ def test_server_serves_exported_file(smol_pruned, tmp_path):
         stop_server(process)
 
 
-# -- Gemma 3: llama.cpp's gemma3 graph, every layer padded to one shape --------------------------------------
-@pytest.mark.parametrize("family,policy", [("gemma3", "query"), ("gemma3", "group"), ("gemma3-mqa", "query")])
-def test_tiny_gemma3_dense_and_pruned_match_pytorch(family, policy, tmp_path):
-    """Sliding-window and global layers (window 8, windows of 64 tokens), q/k norms, GeGLU, tied embeddings; a
-    pruned model's removed heads written back as zero heads at their places and MLPs padded to the widest layer."""
+# -- Gemma 3 and Qwen3: llama.cpp's gemma3 / qwen3 graphs, every layer padded to one shape ---------------------
+PADDED_CASES = {"gemma3-query": ("gemma3", "query", {}), "gemma3-group": ("gemma3", "group", {}),
+                "gemma3-mqa-query": ("gemma3-mqa", "query", {}), "qwen3-query": ("qwen3", "query", {}),
+                "qwen3-group-untied": ("qwen3", "group", {"tie_word_embeddings": False}),
+                # attention and final logit soft-capping, sliding and global layers, no q/k norms
+                "gemma2-query": ("gemma2", "query", {"query_pre_attn_scalar": 16})}
+
+
+@pytest.mark.parametrize("case", list(PADDED_CASES))
+def test_tiny_padded_families_dense_and_pruned_match_pytorch(case, tmp_path):
+    """Gemma 3 (sliding-window and global layers: window 8, windows of 64 tokens; GeGLU; pre and post norms; q/k
+    norms), Gemma 2 (the same without q/k norms, with logit soft-capping) and Qwen3 (q/k norms, tied and untied); a pruned model's removed heads written back as zero heads
+    at their places and MLPs padded to the widest layer."""
+    family, policy, overrides = PADDED_CASES[case]
     from gguf import GGUFReader
 
-    from selfprune.export.gguf_gemma3 import padded_ffn
+    from selfprune.export.gguf_padded import padded_ffn
 
     tokenizer = byte_tokenizer()
-    dense = tiny_model(family, vocab_size=len(tokenizer))
+    dense = tiny_model(family, vocab_size=len(tokenizer), **overrides)
     pruner = Pruner(dense, tokenizer, "flap", CALIB, gqa_policy=policy, structure="proportional",
                     bias_compensation=False, progress=False, reconstruct="lstsq")
     pruned = pruner.build([0.3, 0.5, 0.1, 0.6])[0]
@@ -278,18 +289,20 @@ def test_tiny_gemma3_dense_and_pruned_match_pytorch(family, policy, tmp_path):
     for name, model in (("dense", dense), ("pruned", pruned)):
         path = export_gguf(model, tokenizer, tmp_path / f"{name}.f32.gguf", "f32")
         facts = gguf_facts(path)
-        assert facts.architecture == "gemma3"
+        assert facts.architecture == family.split("-")[0]
         assert facts.heads == [dense.config.num_attention_heads] * 4 and set(facts.ffn) == {padded_ffn(model, 32)}
-        assert "output.weight" not in {t.name for t in GGUFReader(str(path)).tensors}
+        untied = overrides.get("tie_word_embeddings") is False
+        assert ("output.weight" in {t.name for t in GGUFReader(str(path)).tensors}) == untied
         _assert_same(_compare(model, path, _random_windows(len(tokenizer) - 1, 3, 64)), 5e-3)
 
 
-def test_gemma3_with_pruned_biases_is_refused(tmp_path):
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_padded_family_with_pruned_biases_is_refused(family, tmp_path):
     tokenizer = byte_tokenizer()
-    model = tiny_model("gemma3", vocab_size=len(tokenizer))
+    model = tiny_model(family, vocab_size=len(tokenizer))
     pruned = Pruner(model, tokenizer, "flap", CALIB, progress=False).build([0.3] * 4)[0]   # FLAP's bias compensation
     with pytest.raises(SelfpruneError, match="--bias-compensation off"):
-        export_gguf(pruned, tokenizer, tmp_path / "gemma.gguf", "f32")
+        export_gguf(pruned, tokenizer, tmp_path / "model.gguf", "f32")
     assert not list(tmp_path.iterdir())
 
 
@@ -334,9 +347,9 @@ def test_bad_input_one_line_errors_no_partial_file(tokenizer, tmp_path):
         with pytest.raises(SelfpruneError) as info:
             call()
         assert "not a GGUF file" in str(info.value) and "\n" not in str(info.value)
-    qwen3 = tiny_model("qwen3")
-    with pytest.raises(SelfpruneError, match="Qwen3") as info:
-        export_gguf(qwen3, tokenizer, tmp_path / "qwen3.gguf", "f32")
+    gemma2 = tiny_model("gemma2")
+    with pytest.raises(SelfpruneError, match="not 'gemma2'") as info:
+        export_gguf(gemma2, tokenizer, tmp_path / "gemma2.gguf", "f32")
     assert "\n" not in str(info.value)
     model = tiny_model("llama-gqa")
     with pytest.raises(SelfpruneError, match="unknown GGUF outtype 'q3_xyz'"):

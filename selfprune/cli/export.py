@@ -115,7 +115,7 @@ def _architecture(model) -> str:
     from ..export.gguf_export import ARCH, PADDED_FAMILIES, _padded_writer
 
     family = get_adapter(model).model_type
-    return _padded_writer(family).ARCH if family in PADDED_FAMILIES else ARCH
+    return _padded_writer(family).architecture(model) if family in PADDED_FAMILIES else ARCH
 
 
 def _shape_summary(model, ffn_multiple: int) -> str:
@@ -128,7 +128,7 @@ def _shape_summary(model, ffn_multiple: int) -> str:
     if family in PADDED_FAMILIES:
         writer = _padded_writer(family)
         cost = writer.padding_cost(model, ffn_multiple)
-        return (f"llama.cpp's {writer.ARCH} graph takes one shape for every layer: {model.config.num_attention_heads} "
+        return (f"llama.cpp's {writer.architecture(model)} graph takes one shape for every layer: {model.config.num_attention_heads} "
                 f"query heads, MLP width {cost['ffn']} ({cost['zero_parameters']:,} zero parameters of padding)")
     shapes = layer_shapes(model, ffn_multiple)
     return (f"per-layer query heads {[s.heads for s in shapes]}, MLP widths {[s.ffn for s in shapes]}"

@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 from .quantize import (PRESETS, WRITTEN_DIRECTLY, ImportanceMatrix, TypeOverride, check_outtype, run_llama_quantize)
 
 ARCH = "deci"
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma3_text", "gemma2", "qwen3")
 #: families written with another llama.cpp graph than ``deci`` (module with ``write``), every layer padded to one shape
-PADDED_FAMILIES = {"gemma3_text": "gguf_gemma3"}
+PADDED_FAMILIES = {"gemma3_text": "gguf_padded", "gemma2": "gguf_padded", "qwen3": "gguf_padded"}
 #: outtype -> llama.cpp's ``LLAMA_FTYPE_*`` constant (the presets of ``llama-quantize``)
 OUTTYPES = PRESETS
 #: MLP widths are padded to a multiple of this (the block size of llama.cpp's q8_0 / q4_0 / q5_0 types).
@@ -89,15 +89,15 @@ def check_exportable(model) -> None:
 
     adapter = get_adapter(model)
     family = adapter.model_type
-    if family == "qwen3":
-        raise SelfpruneError("Qwen3 cannot be exported to GGUF yet: llama.cpp's per-layer (deci) graph has no q/k norm; "
-                             "export LLaMA, Mistral, Qwen2 or Gemma 3 models")
     if family not in SUPPORTED_FAMILIES:
         raise SelfpruneError(f"GGUF export supports {', '.join(SUPPORTED_FAMILIES)}, not {family!r}")
     if family in PADDED_FAMILIES:
-        _padded_writer(family).check_gemma3(model)
+        _padded_writer(family).check(model)
+    if family == "phi3" and float(getattr(model.config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise SelfpruneError("Phi-3 with a partial rotary factor cannot be exported yet: llama.cpp's deci graph "
+                             "rotates whole heads")
     window = getattr(model.config, "sliding_window", None)
-    if family == "mistral" and window and window < getattr(model.config, "max_position_embeddings", 0):
+    if family in ("mistral", "phi3") and window and window < getattr(model.config, "max_position_embeddings", 0):
         log.warning("sliding window %d is not written: llama.cpp's deci graph attends to the whole context", window)
 
 

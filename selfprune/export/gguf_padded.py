@@ -1,16 +1,17 @@
-"""Gemma 3 as llama.cpp's ``gemma3`` architecture, pruned layers padded to one shape.
+"""Gemma 3 and Qwen3 as llama.cpp's ``gemma3`` / ``qwen3`` architectures, pruned layers padded to one shape.
 
-llama.cpp's ``gemma3`` graph builds every layer with layer 0's head counts and MLP width (it has no per-layer
-widths, unlike ``deci``), and it has no o_proj / down_proj bias. So a pruned model is written with every layer's
+llama.cpp's ``gemma3`` and ``qwen3`` graphs build every layer with layer 0's head counts and MLP width (they have
+no per-layer widths, unlike ``deci``, and ``deci`` has no q/k norms), and they have no o_proj / down_proj bias. So a pruned model is written with every layer's
 heads back at their original positions (the removed heads' q / k / v rows and o columns all zero: their output is
 zero, exactly what the pruned model computes) and every MLP padded with zero channels to the widest kept layer
 (a channel whose gate and up rows are zero adds nothing). A layer left with no heads or channels becomes all zero
-rows, and the post-attention / post-MLP RMS norms of a zero vector are zero: the residual passes unchanged, as in
-the pruned model. The padding costs file bytes and compute, which the frontier benchmark reports; pruned
+rows, and (Gemma) the post-attention / post-MLP RMS norms of a zero vector are zero: the residual passes unchanged,
+as in the pruned model. The padding costs file bytes and compute, which the frontier benchmark reports; pruned
 biases cannot be written (prune with ``--bias-compensation off``, which the refit then follows).
 
-Norm weights are written plus one (Gemma's RMS norm multiplies by ``1 + w``; llama.cpp's by the stored value), and
-q / k rows keep Hugging Face's layout (llama.cpp runs Gemma's rope in the NeoX layout), as llama.cpp's converter does.
+Gemma's norm weights are written plus one (its RMS norm multiplies by ``1 + w``; llama.cpp's by the stored value),
+and q / k rows keep Hugging Face's layout (llama.cpp runs both families' rope in the NeoX layout), as llama.cpp's
+converter does.
 """
 from __future__ import annotations
 
@@ -21,7 +22,34 @@ import torch
 
 from ..errors import SelfpruneError
 
-ARCH = "gemma3"
+
+class Family:
+    """What differs between the padded graphs: the architecture name, the norm weights' offset, the norms by
+    GGUF name -> the decoder layer's attribute, and whether the output matrix may be untied."""
+
+    def __init__(self, arch: str, norm_shift: float, norms: dict[str, str], qk_norms: bool = True,
+                 attention_softcap: bool = False):
+        self.arch, self.norm_shift, self.norms = arch, norm_shift, norms
+        self.qk_norms, self.attention_softcap = qk_norms, attention_softcap
+
+
+_GEMMA_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+FAMILIES = {
+    "gemma3_text": Family("gemma3", 1.0, _GEMMA_NORMS),
+    "gemma2": Family("gemma2", 1.0, _GEMMA_NORMS, qk_norms=False, attention_softcap=True),
+    "qwen3": Family("qwen3", 0.0, {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}),
+}
+
+
+def family_of(model) -> Family:
+    from ..adapters import get_adapter
+
+    return FAMILIES[get_adapter(model).model_type]
+
+
+def architecture(model) -> str:
+    return family_of(model).arch
 
 
 def _spec_layers(model) -> list[dict] | None:
@@ -29,21 +57,24 @@ def _spec_layers(model) -> list[dict] | None:
     return spec.get("layers") if spec else None
 
 
-def check_gemma3(model) -> None:
+def check(model) -> None:
     """One-line refusals before anything is written."""
     from ..adapters import get_adapter
 
     adapter = get_adapter(model)
+    arch = family_of(model).arch
     for index, layer in enumerate(adapter.layers()):
         attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
         if attn.o.bias is not None or mlp.down.bias is not None:
-            raise SelfpruneError(f"layer {index} has an o_proj / down_proj bias, which llama.cpp's gemma3 graph cannot "
-                                 "add: prune Gemma 3 with --bias-compensation off to export it (a --reconstruct lstsq "
-                                 "refit then fits without a bias)")
+            raise SelfpruneError(f"layer {index} has an o_proj / down_proj bias, which llama.cpp's {arch} graph cannot "
+                                 f"add: prune with --bias-compensation off to export it (a --reconstruct lstsq refit "
+                                 "then fits without a bias)")
+        if any(linear.bias is not None for linear in (mlp.gate, mlp.up)):
+            raise SelfpruneError(f"layer {index} has MLP gate / up biases, which llama.cpp's {arch} graph cannot add")
     layers = _spec_layers(model)
     if layers is not None and any("kept_query_heads" not in spec for spec in layers):
-        raise SelfpruneError("this pruned Gemma 3 model lacks its kept head indices (selfprune_indices.json): "
-                             "save it again with selfprune")
+        raise SelfpruneError("this pruned model lacks its kept head indices (selfprune_indices.json): save it again "
+                             "with selfprune")
 
 
 def padded_ffn(model, ffn_multiple: int) -> int:
@@ -63,13 +94,15 @@ def _scatter_rows(weight: torch.Tensor, kept: list[int], total: int, head_dim: i
     return out
 
 
-def _norm(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().float() + 1.0
-
-
 def tensors(model, ffn_multiple: int):
-    """(name, tensor) pairs in llama.cpp's gemma3 naming, padded to one shape per layer."""
+    """(name, tensor) pairs in llama.cpp's naming, padded to one shape per layer."""
     from ..adapters import get_adapter
+    from .gguf_export import ties_embeddings
+
+    family = family_of(model)
+
+    def _norm(weight: torch.Tensor) -> torch.Tensor:
+        return weight.detach().float() + family.norm_shift
 
     adapter = get_adapter(model)
     config = model.config
@@ -84,22 +117,27 @@ def tensors(model, ffn_multiple: int):
         kept_kv = spec[index]["kept_kv_heads"] if spec else list(range(kv_heads))
         prefix = f"blk.{index}"
         self_attn = adapter.attention(layer)
-        yield f"{prefix}.attn_norm.weight", _norm(layer.input_layernorm.weight)
+        for gguf_name, attribute in family.norms.items():
+            yield f"{prefix}.{gguf_name}.weight", _norm(getattr(layer, attribute).weight)
+        for gguf_name, linear, kept, total in (("attn_q", attn.q, kept_q, heads), ("attn_k", attn.k, kept_kv, kv_heads),
+                                               ("attn_v", attn.v, kept_kv, kv_heads)):
+            if linear.bias is not None:
+                yield f"{prefix}.{gguf_name}.bias", _scatter_rows(linear.bias.detach(), kept, total, head_dim)
         yield f"{prefix}.attn_q.weight", _scatter_rows(attn.q.weight.detach(), kept_q, heads, head_dim)
         yield f"{prefix}.attn_k.weight", _scatter_rows(attn.k.weight.detach(), kept_kv, kv_heads, head_dim)
         yield f"{prefix}.attn_v.weight", _scatter_rows(attn.v.weight.detach(), kept_kv, kv_heads, head_dim)
         yield f"{prefix}.attn_output.weight", _scatter_rows(attn.o.weight.detach().T, kept_q, heads, head_dim).T
-        yield f"{prefix}.attn_q_norm.weight", _norm(self_attn.q_norm.weight)
-        yield f"{prefix}.attn_k_norm.weight", _norm(self_attn.k_norm.weight)
-        yield f"{prefix}.post_attention_norm.weight", _norm(layer.post_attention_layernorm.weight)
-        yield f"{prefix}.ffn_norm.weight", _norm(layer.pre_feedforward_layernorm.weight)
+        if family.qk_norms:
+            yield f"{prefix}.attn_q_norm.weight", _norm(self_attn.q_norm.weight)
+            yield f"{prefix}.attn_k_norm.weight", _norm(self_attn.k_norm.weight)
         pad = ffn - mlp.down.in_features
         zeros = mlp.gate.weight.new_zeros((pad, mlp.gate.in_features))
         yield f"{prefix}.ffn_gate.weight", torch.cat([mlp.gate.weight.detach(), zeros])
         yield f"{prefix}.ffn_up.weight", torch.cat([mlp.up.weight.detach(), zeros])
         yield f"{prefix}.ffn_down.weight", torch.cat([mlp.down.weight.detach().T, zeros]).T
-        yield f"{prefix}.post_ffw_norm.weight", _norm(layer.post_feedforward_layernorm.weight)
     yield "output_norm.weight", _norm(decoder.norm.weight)
+    if not ties_embeddings(model):
+        yield "output.weight", model.get_output_embeddings().weight
 
 
 def write_metadata(writer, model, ffn_multiple: int) -> None:
@@ -140,11 +178,19 @@ def write_metadata(writer, model, ffn_multiple: int) -> None:
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap:
         writer.add_final_logit_softcapping(float(softcap))
-    if getattr(config, "attn_logit_softcapping", None):
-        raise SelfpruneError("attention logit soft-capping is not in llama.cpp's gemma3 graph: this model cannot be exported")
-    if getattr(config, "query_pre_attn_scalar", adapter.head_dim) != adapter.head_dim and adapter.num_layers != 62:
-        raise SelfpruneError("query_pre_attn_scalar differs from head_dim: llama.cpp's gemma3 graph would scale "
-                             "attention differently")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap and family_of(model).attention_softcap:
+        writer.add_attn_logit_softcapping(float(softcap))
+    elif softcap:
+        raise SelfpruneError(f"attention logit soft-capping is not in llama.cpp's {family_of(model).arch} graph: "
+                             "this model cannot be exported")
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    arch = family_of(model).arch
+    # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 27B models it knows by depth
+    big = {"gemma3": 62, "gemma2": 46}.get(arch) == adapter.num_layers
+    if scalar is not None and scalar != (adapter.hidden_size // config.num_attention_heads if big else adapter.head_dim):
+        raise SelfpruneError(f"query_pre_attn_scalar {scalar} is not what llama.cpp's {arch} graph scales attention by: "
+                             "this model cannot be exported")
 
 
 def padding_cost(model, ffn_multiple: int) -> dict:
@@ -167,8 +213,8 @@ def write(model, tokenizer, path: Path, float_type: str, tokenizer_gguf: Path | 
           ffn_multiple: int, metadata: dict, add_metadata, add_tokenizer) -> None:
     import gguf
 
-    check_gemma3(model)
-    writer = gguf.GGUFWriter(str(path), ARCH)
+    check(model)
+    writer = gguf.GGUFWriter(str(path), family_of(model).arch)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if float_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     write_metadata(writer, model, ffn_multiple)
