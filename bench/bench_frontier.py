@@ -238,7 +238,7 @@ def findings(rows, front, front_decoder) -> list[str]:
                + (f"pruned models among them: {', '.join(pruned_front)}." if pruned_front else
                   "all of them dense: at every file size measured, quantizing the dense model harder beats pruning."))
     pruned_layers = sorted({rows[i]["model"] for i in front_decoder if rows[i]["model"] != "dense"})
-    out.append(f"- Counting the decoder layers alone (how a 7B / 70B file scales): "
+    out.append("- Counting the decoder layers alone (how a 7B / 70B file scales): "
                + (f"pruned models on the front: {', '.join(pruned_layers)}." if pruned_layers else
                   "still only dense files on the front."))
     return out

@@ -112,21 +112,21 @@ def run(args) -> int:
 
 def _architecture(model) -> str:
     from ..adapters import get_adapter
-    from ..export.gguf_export import ARCH, PADDED_FAMILIES, _padded_writer
+    from ..export.gguf_export import ARCH, PADDED_FAMILIES, padded_writer
 
     family = get_adapter(model).model_type
-    return _padded_writer(family).architecture(model) if family in PADDED_FAMILIES else ARCH
+    return padded_writer(family).architecture(model) if family in PADDED_FAMILIES else ARCH
 
 
 def _shape_summary(model, ffn_multiple: int) -> str:
     """What the file's layers look like: per-layer widths (deci), or the one padded shape of other graphs."""
     from ..adapters import get_adapter
     from ..export import layer_shapes
-    from ..export.gguf_export import PADDED_FAMILIES, _padded_writer
+    from ..export.gguf_export import PADDED_FAMILIES, padded_writer
 
     family = get_adapter(model).model_type
     if family in PADDED_FAMILIES:
-        writer = _padded_writer(family)
+        writer = padded_writer(family)
         cost = writer.padding_cost(model, ffn_multiple)
         return (f"llama.cpp's {writer.architecture(model)} graph takes one shape for every layer: {model.config.num_attention_heads} "
                 f"query heads, MLP width {cost['ffn']} ({cost['zero_parameters']:,} zero parameters of padding)")

@@ -45,9 +45,9 @@ import torch
 
 from ..errors import SelfpruneError
 
-log = logging.getLogger(__name__)
+from .quantize import PRESETS, WRITTEN_DIRECTLY, ImportanceMatrix, TypeOverride, check_outtype, run_llama_quantize
 
-from .quantize import (PRESETS, WRITTEN_DIRECTLY, ImportanceMatrix, TypeOverride, check_outtype, run_llama_quantize)
+log = logging.getLogger(__name__)
 
 ARCH = "deci"
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma3_text", "gemma2", "qwen3")
@@ -92,7 +92,7 @@ def check_exportable(model) -> None:
     if family not in SUPPORTED_FAMILIES:
         raise SelfpruneError(f"GGUF export supports {', '.join(SUPPORTED_FAMILIES)}, not {family!r}")
     if family in PADDED_FAMILIES:
-        _padded_writer(family).check(model)
+        padded_writer(family).check(model)
     if family == "phi3" and float(getattr(model.config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
         raise SelfpruneError("Phi-3 with a partial rotary factor cannot be exported yet: llama.cpp's deci graph "
                              "rotates whole heads")
@@ -185,7 +185,8 @@ def default_model_gguf() -> Path | None:
     return finder()
 
 
-def _padded_writer(family: str):
+def padded_writer(family: str):
+    """The module that writes ``family`` (a key of PADDED_FAMILIES) padded to one shape per layer."""
     import importlib
 
     return importlib.import_module(f"{__package__}.{PADDED_FAMILIES[family]}")
@@ -194,7 +195,6 @@ def _padded_writer(family: str):
 def find_tokenizer_gguf(tokenizer, vocab_size: int) -> Path | None:
     """The GGUF of a model selfprune installs offline (SmolLM2, Gemma 3 270M) whose vocabulary is this
     tokenizer's, else None."""
-    from ..models.gguf_metadata import read_metadata
     from ..models.loading import cache_dir, packaged_default_gguf
 
     if tokenizer is None:
@@ -203,7 +203,7 @@ def find_tokenizer_gguf(tokenizer, vocab_size: int) -> Path | None:
     for candidate in candidates:
         if candidate is None or not Path(candidate).is_file():
             continue
-        tokens = read_metadata(candidate).get("tokenizer.ggml.tokens", (None,))[0]
+        tokens = _gguf_tokens(Path(candidate))
         if tokens is not None and len(tokens) == vocab_size and tokens == _hf_tokens(tokenizer, vocab_size):
             return Path(candidate)
     return None
@@ -362,7 +362,7 @@ def _write_gguf(model, tokenizer, path: Path, float_type: str, tokenizer_gguf: P
             else:
                 _build_tokenizer_fields(writer, tokenizer, vocab_size)
 
-        _padded_writer(adapter.model_type).write(model, tokenizer, path, float_type, tokenizer_gguf, name, ffn_multiple,
+        padded_writer(adapter.model_type).write(model, tokenizer, path, float_type, tokenizer_gguf, name, ffn_multiple,
                                                  metadata or {}, _add_metadata, add_tokenizer)
         return
     config = model.config
@@ -464,7 +464,7 @@ def importance_for_file(model, imatrix: ImportanceMatrix, ffn_multiple: int) -> 
     out = {}
     for index, (layer, shape) in enumerate(zip(adapter.layers(), shapes)):
         attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
-        ffn = _padded_writer(adapter.model_type).padded_ffn(model, ffn_multiple) if padded else shape.ffn
+        ffn = padded_writer(adapter.model_type).padded_ffn(model, ffn_multiple) if padded else shape.ffn
         for name, linear in (("attn_q", attn.q), ("attn_k", attn.k), ("attn_v", attn.v), ("attn_output", attn.o),
                              ("ffn_gate", mlp.gate), ("ffn_up", mlp.up), ("ffn_down", mlp.down)):
             key = f"blk.{index}.{name}.weight"
