@@ -307,28 +307,22 @@ def test_padded_family_with_pruned_biases_is_refused(family, tmp_path):
 
 
 @pytest.mark.integration
-def test_gemma3_270m_exports_dense_and_pruned(tmp_path, data_dir):
-    """The real Gemma 3 270M (MQA, 512-token sliding window) and a 20% pruned, refit copy: llama.cpp's perplexity
-    within 0.5% of PyTorch's; q4_k_m with the pruned model's own importance matrix runs."""
+def test_gemma3_270m_pruned_exports(tmp_path, data_dir):
+    """The real Gemma 3 270M (MQA, 512-token sliding window, 262k vocabulary) pruned by 20% without biases:
+    llama.cpp's perplexity within 0.5% of PyTorch's (dense Gemma goes through the same writer with no zeros)."""
     from selfprune.data import load_text, token_windows
-    from selfprune.imatrix import collect_imatrix
     from selfprune.models import load_model
 
     model, tokenizer = load_model("gemma3-270m")
-    windows = token_windows(tokenizer, load_text("wikitext2", "test", data_dir), 128, 6)
-    calibration = CalibrationConfig(num_samples=16, seq_len=128)
-    pruned = Pruner(model, tokenizer, "flap", calibration, bias_compensation=False, reconstruct="lstsq",
-                    progress=False).build([0.2] * 18)[0]
-    for name, candidate in (("dense", model), ("pruned", pruned)):
-        path = export_gguf(candidate, tokenizer, tmp_path / f"{name}.f32.gguf", "f32")
-        torch_ppl = float(np.exp(sum(window_nll(_torch_logits(candidate, row[None])[0], row.tolist())
-                                     for row in windows) / (windows.numel() - len(windows))))
-        llama_ppl = gguf_perplexity(path, windows=windows, threads=1)["ppl"]
-        assert abs(llama_ppl / torch_ppl - 1) < 0.005, (name, llama_ppl, torch_ppl)
-        path.unlink()
-    imatrix = collect_imatrix(pruned, tokenizer, CalibrationConfig(num_samples=4, seq_len=128))
-    q4 = export_gguf(pruned, tokenizer, tmp_path / "pruned.q4_k_m.gguf", "q4_k_m", imatrix=imatrix, threads=1)
-    assert gguf_perplexity(q4, windows=windows[:2], threads=1)["ppl"] < 1000
+    windows = token_windows(tokenizer, load_text("wikitext2", "test", data_dir), 128, 4)
+    pruned = Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=8, seq_len=128), gqa_policy="query",
+                    structure="proportional", bias_compensation=False, progress=False).build([0.2] * 18)[0]
+    assert any(layer.self_attn.o_proj.in_features < 1024 for layer in pruned.model.layers)   # heads went too
+    path = export_gguf(pruned, tokenizer, tmp_path / "pruned.f32.gguf", "f32")
+    torch_ppl = float(np.exp(sum(window_nll(_torch_logits(pruned, row[None])[0], row.tolist()) for row in windows)
+                             / (windows.numel() - len(windows))))
+    llama_ppl = gguf_perplexity(path, windows=windows, threads=2)["ppl"]
+    assert abs(llama_ppl / torch_ppl - 1) < 0.005, (llama_ppl, torch_ppl)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
