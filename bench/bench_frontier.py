@@ -142,9 +142,8 @@ def run_quality(models: list[str] | None) -> None:
     plan = model_plan()
     frontier = Frontier()
     done = {(r["model"], r["preset"], r["imatrix"]) for r in load_rows() if r.get("kind") != "speed"}
-    for name, spec in plan.items():
-        if models and name not in models:
-            continue
+    for name in models or list(plan):   # in the order given
+        spec = plan[name]
         if name == "dense":
             frontier.quality(name, spec, DENSE_PRESETS, (False, True), done)
         else:
@@ -198,6 +197,17 @@ def render() -> None:
         lines.append(f"| {r['model']} | {r['preset']} | {'yes' if r['imatrix'] else 'no'} | {r['mib']:.1f} | "
                      f"{r['decoder_mib']:.1f} | {r['ppl']:.2f} | {'**yes**' if i in front else ''} | "
                      f"{'**yes**' if i in front_decoder else ''} |")
+    before = json.loads((RESULTS / "gguf.json").read_text())["rows"].get("dense", {})
+    dense_plain = {r["preset"]: r for r in rows if r["model"] == "dense" and not r["imatrix"]}
+    lines += ["", "## The tied embedding written once", "",
+              "Dense files before (bench/results/gguf.json, which wrote `output.weight` beside the tied "
+              "`token_embd.weight`) and now, same windows. q4_k_m's perplexity moves because llama.cpp then "
+              "quantizes the one tied matrix with the output rule (q8_0 for 576-value rows).", "",
+              "| preset | MiB before | MiB now | ppl before | ppl now |", "|---|---|---|---|---|"]
+    for preset in ("f16", "q8_0", "q4_k_m"):
+        if preset in before and preset in dense_plain:
+            b, a = before[preset], dense_plain[preset]
+            lines.append(f"| {preset} | {b['file_bytes'] / 2**20:.1f} | {a['mib']:.1f} | {b['ppl']:.2f} | {a['ppl']:.2f} |")
     lines += ["", "## Importance matrix: same preset, without vs with", "",
               "| preset | MiB | ppl without | ppl with | change |", "|---|---|---|---|---|"]
     dense = {(r["preset"], r["imatrix"]): r for r in rows if r["model"] == "dense"}

@@ -278,7 +278,7 @@ def _cli(*args, env=None):
 @pytest.mark.integration
 def test_cli_prune_imatrix_then_export_uses_it(data_dir, tmp_path):
     pruned = tmp_path / "p20"
-    result = _cli("prune", "--rate", "0.2", "--out", str(pruned), "--imatrix", "--calib-samples", "8",
+    result = _cli("prune", "--rate", "0.2", "--out", str(pruned), "--save-imatrix", "--calib-samples", "8",
                   "--ppl-dataset", "none", "--data-dir", str(data_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     assert (pruned / "imatrix.gguf").is_file()
@@ -302,7 +302,7 @@ def test_cli_prune_imatrix_then_export_uses_it(data_dir, tmp_path):
 
 
 def test_search_saves_the_best_models_importance_matrix(tmp_path, capsys):
-    """search --imatrix: the saved model's own matrix (its pruned widths) beside it, which export then uses."""
+    """search --save-imatrix: the saved model's own matrix (its pruned widths) beside it, which export then uses."""
     from conftest import save_tiny_model
 
     from selfprune.cli import main
@@ -312,7 +312,7 @@ def test_search_saves_the_best_models_importance_matrix(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["search", "--model", str(folder), "--target", "0.3", "--operator", "uniform", "--seq-len", "32",
                  "--fitness-windows", "2", "--fitness-dataset", "ptb", "--calib-samples", "4", "--calib-seq-len", "32",
-                 "--device", "cpu", "--no-progress", "--imatrix", "--out", str(run)]) == 0
+                 "--device", "cpu", "--no-progress", "--save-imatrix", "--out", str(run)]) == 0
     assert json.loads((run / "config.json").read_text())["imatrix"] is True
     matrix = ImportanceMatrix.load(run / "model" / "imatrix.gguf")
     model, tokenizer = load_model(str(run / "model"))

@@ -27,7 +27,7 @@ def register(sub, parents=()):
                         "weights each tensor's rounding error by how much its input columns carry, so the file has the "
                         "same size and types (llama.cpp's presets change a few types with one: q4_0 / q5_0 keep "
                         "ffn_down of the first eighth of the layers in q4_1 / q5_1) and a lower error, most at 2-3 "
-                        "bits. If not given: the model folder's imatrix.gguf (prune --imatrix) when there is one")
+                        "bits. If not given: the model folder's imatrix.gguf (prune or search --save-imatrix) when there is one")
     p.add_argument("--calibrate", action="store_true",
                    help="compute the importance matrix now, on the calibration text (--calib-*)")
     p.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")

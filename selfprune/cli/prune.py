@@ -25,7 +25,7 @@ def register(sub, parents=()):
                    help="--reconstruct lstsq: fit layer i on the outputs of layers 0..i-1 already pruned and refit "
                         "(SlimGPT / OSSCAR) instead of on the dense model's activations")
     add_calibration_options(p)
-    p.add_argument("--imatrix", action="store_true",
+    p.add_argument("--save-imatrix", action="store_true",
                    help="also save the pruned model's importance matrix (imatrix.gguf, on the calibration text): "
                         "selfprune export then gives it to llama.cpp's quantizer")
     p.add_argument("--ppl-dataset", default="wikitext2",
@@ -98,7 +98,7 @@ def _prune(args, rates, out) -> int:
         print(f"perplexity on {s['dataset']}/{s['split']} (seq-len {s['seq_len']}, {s['predicted_tokens']:,} predicted "
               f"tokens): dense {dense_ppl['ppl']:.2f} -> pruned {pruned_ppl['ppl']:.2f}")
     imatrix = None
-    if args.imatrix:
+    if args.save_imatrix:
         from ..imatrix import collect_imatrix
 
         imatrix = collect_imatrix(pruned, tokenizer, calibration, progress=True)

@@ -83,7 +83,7 @@ def register(sub, parents=()):
     g.add_argument("--moments-dir", default=None, metavar="DIR",
                    help="--reconstruct lstsq: keep every layer's second moments in files in DIR (one per layer, "
                         "read back per candidate) instead of in memory: LLaMA-2-7B's take ~35 GB, 70B's ~570 GB")
-    g.add_argument("--imatrix", action="store_true",
+    g.add_argument("--save-imatrix", action="store_true",
                    help="also save the best model's importance matrix (RUN/model/imatrix.gguf, on the calibration "
                         "text): selfprune export then gives it to llama.cpp's quantizer")
     g = p.add_argument_group("search")

@@ -126,7 +126,7 @@ def build_config(args) -> dict:
         "gqa_policy": args.gqa_policy,
         "reconstruction": {"method": args.reconstruct, "ridge": args.ridge,
                            "moments_dir": getattr(args, "moments_dir", None)},
-        "imatrix": bool(getattr(args, "imatrix", False)),
+        "imatrix": bool(getattr(args, "save_imatrix", False)),
         "target": args.target,
         "bounds": list(bounds),
         "operator": args.operator,
@@ -383,7 +383,7 @@ def apply_resume_overrides(config: dict, args) -> bool:
     rescore = _rescore_settings(config.get("rescore"), args)
     if rescore != config.get("rescore"):
         config["rescore"], changed = rescore, True
-    if getattr(args, "imatrix", False) and not config.get("imatrix"):
+    if getattr(args, "save_imatrix", False) and not config.get("imatrix"):
         config["imatrix"], changed = True, True
     if args.budget is not None:
         if args.budget < 1:
