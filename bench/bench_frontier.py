@@ -38,7 +38,7 @@ UNIFORM_RATES = (0.1, 0.2, 0.3, 0.5)
 SEARCHED_RATES = (0.2, 0.3, 0.5)
 CALIBRATION = CalibrationConfig(source="c4", num_samples=128, seq_len=128, seed=0, data_dir=DATA_DIR)
 WINDOWS = 80
-SPEED_PRESETS = ("q8_0", "q4_k_m")
+SPEED_PRESETS = ("q8_0", "q4_k_m")   # the files kept for --speed
 THREADS = 1   # llama.cpp threads for quantizing and perplexity (--threads); results do not depend on it
 
 
@@ -141,21 +141,21 @@ class Frontier:
 def run_quality(models: list[str] | None) -> None:
     plan = model_plan()
     frontier = Frontier()
-    done = {(r["model"], r["preset"], r["imatrix"]) for r in load_rows() if r.get("kind") != "speed"}
     for name in models or list(plan):   # in the order given
         spec = plan[name]
+        done = {(r["model"], r["preset"], r["imatrix"]) for r in load_rows() if r.get("kind") != "speed"}
         if name == "dense":
             frontier.quality(name, spec, DENSE_PRESETS, (False, True), done)
         else:
             frontier.quality(name, spec, PRUNED_PRESETS, (True,), done)
 
 
-def run_speed() -> None:
+def run_speed(presets=("q4_k_m",)) -> None:
     """Each pruned file against the dense file of the same preset (both with importance matrices), interleaved."""
     from selfprune.evaluation.llamacpp import compare_speed_gguf
 
     done = {(r["model"], r["preset"]) for r in load_rows() if r.get("kind") == "speed"}
-    for preset in SPEED_PRESETS:
+    for preset in presets:
         dense = WORK / f"dense.{preset}.imatrix.gguf"
         for path in sorted(WORK.glob(f"*.{preset}.imatrix.gguf")):
             name = path.name.split(f".{preset}")[0]
@@ -242,15 +242,28 @@ def render() -> None:
 
 
 def findings(rows, front, front_decoder) -> list[str]:
+    """Where pruning is on the front and where it is not, from the rows."""
     out = []
-    pruned_front = sorted({rows[i]["model"] for i in front if rows[i]["model"] != "dense"})
-    out.append(f"- On the file-size front: {len(front)} rows, "
-               + (f"pruned models among them: {', '.join(pruned_front)}." if pruned_front else
-                  "all of them dense: at every file size measured, quantizing the dense model harder beats pruning."))
-    pruned_layers = sorted({rows[i]["model"] for i in front_decoder if rows[i]["model"] != "dense"})
-    out.append("- Counting the decoder layers alone (how a 7B / 70B file scales): "
-               + (f"pruned models on the front: {', '.join(pruned_layers)}." if pruned_layers else
-                  "still only dense files on the front."))
+    dense = [r for r in rows if r["model"] == "dense"]
+    for label, key, points in (("file MiB", "mib", front), ("decoder-layer MiB (what scales to 7B / 70B)",
+                                                               "decoder_mib", front_decoder)):
+        pruned = sorted((rows[i] for i in points if rows[i]["model"] != "dense"), key=lambda r: r[key])
+        smallest = min(dense, key=lambda r: r[key]) if dense else None
+        if not pruned:
+            out.append(f"- By {label}: every row on the front is dense; quantizing the dense model harder beats "
+                       "pruning at every size measured.")
+            continue
+        listed = ", ".join(f"{r['model']} {r['preset']} ({r[key]:.1f} MiB, {r['ppl']:.1f})" for r in pruned)
+        above = [r for r in pruned if smallest and r[key] >= smallest[key]]
+        out.append(f"- By {label}: pruned rows on the front: {listed}. "
+                   + (f"All of them are smaller than the smallest dense file ({smallest['preset']}, "
+                      f"{smallest[key]:.1f} MiB, {smallest['ppl']:.1f}): pruning extends the front below the sizes "
+                      "llama.cpp's presets reach, and loses to the dense presets everywhere above."
+                      if smallest and not above else
+                      f"{len(above)} of them are no smaller than the smallest dense file: pruning competes with the "
+                      "presets there too."))
+    out.append("- One calibration sample (C4, seed 0) for every importance matrix and refit; one search seed per "
+               "searched allocation; perplexities from one pass over the same 80 windows.")
     return out
 
 
@@ -287,6 +300,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--speed-presets", default="q4_k_m", help=f"comma list of {', '.join(SPEED_PRESETS)}")
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads for quantizing and perplexity")
     parser.add_argument("--models", default=None, help="comma list of model names (dense, uniform-0.2, searched-0.5)")
@@ -296,7 +310,7 @@ def main() -> None:
     if args.quality:
         run_quality(args.models.split(",") if args.models else None)
     if args.speed:
-        run_speed()
+        run_speed(tuple(args.speed_presets.split(",")))
     if args.render or args.quality or args.speed:
         render()
 
