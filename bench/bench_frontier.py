@@ -255,13 +255,18 @@ def findings(rows, front, front_decoder) -> list[str]:
             continue
         listed = ", ".join(f"{r['model']} {r['preset']} ({r[key]:.1f} MiB, {r['ppl']:.1f})" for r in pruned)
         above = [r for r in pruned if smallest and r[key] >= smallest[key]]
-        out.append(f"- By {label}: pruned rows on the front: {listed}. "
-                   + (f"All of them are smaller than the smallest dense file ({smallest['preset']}, "
-                      f"{smallest[key]:.1f} MiB, {smallest['ppl']:.1f}): pruning extends the front below the sizes "
-                      "llama.cpp's presets reach, and loses to the dense presets everywhere above."
-                      if smallest and not above else
-                      f"{len(above)} of them are no smaller than the smallest dense file: pruning competes with the "
-                      "presets there too."))
+        text = (f"- By {label}: pruned rows on the front: {listed}. The smallest dense file is {smallest['preset']} "
+                f"({smallest[key]:.1f} MiB, {smallest['ppl']:.1f}): pruning extends the front below the sizes "
+                "llama.cpp's presets reach")
+        gaps = []
+        for r in above:   # on the front among the dense files: name the next larger dense file
+            larger = [d for d in dense if d[key] > r[key]]
+            nxt = min(larger, key=lambda d: d[key]) if larger else None
+            gaps.append(f"{r['model']} {r['preset']} only in a gap between presets" + (
+                f" (the next dense file, {nxt['preset']}{' + imatrix' if nxt['imatrix'] else ''}, is "
+                f"{nxt[key] - r[key]:.1f} MiB larger at perplexity {nxt['ppl']:.1f})" if nxt else ""))
+        out.append(text + ("; above it " + "; ".join(gaps) + ", and the dense presets win everywhere else."
+                           if gaps else ", and loses to the dense presets everywhere above."))
     out.append("- One calibration sample (C4, seed 0) for every importance matrix and refit; one search seed per "
                "searched allocation; perplexities from one pass over the same 80 windows.")
     return out
