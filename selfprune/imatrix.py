@@ -41,17 +41,24 @@ def collect_imatrix(model, tokenizer, calibration, progress: bool = False) -> Im
     result = ImportanceMatrix(datasets=[describe_calibration(calibration, source.origin)],
                               chunk_size=calibration.seq_len)
 
-    def record(name):
+    def record(names):
         def hook(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
             if x.shape[-1]:
-                result.add(name, x.pow(2).sum(0).cpu().numpy(), x.shape[0])
+                squares = x.pow(2).sum(0).cpu().numpy()
+                for name in names:
+                    result.add(name, squares, x.shape[0])
         return hook
 
     for index, layer in enumerate(tqdm(adapter.layers(), desc="importance matrix", disable=not progress, leave=False)):
-        linears = {**vars(adapter.attention_linears(layer)), **vars(adapter.mlp_linears(layer))}
-        hooks = [linears[field].register_forward_pre_hook(record(f"blk.{index}.{name}.weight"))
-                 for field, name in GGUF_LINEAR_NAMES.items()]
+        def names(*fields):
+            return [f"blk.{index}.{GGUF_LINEAR_NAMES[f]}.weight" for f in fields]
+
+        # q / k / v (and gate / up) read one input: hooked where it enters (Phi-3's fused projections included)
+        hooks = [adapter.attention_input(layer).register_forward_pre_hook(record(names("q", "k", "v"))),
+                 adapter.attention_linears(layer).o.register_forward_pre_hook(record(names("o"))),
+                 adapter.mlp_input(layer).register_forward_pre_hook(record(names("gate", "up"))),
+                 adapter.mlp_linears(layer).down.register_forward_pre_hook(record(names("down")))]
         try:
             stream.advance(stream.run(layer, index))
         finally:

@@ -164,11 +164,12 @@ def _assert_same_imatrix(ours: ImportanceMatrix, theirs: ImportanceMatrix, toler
         assert np.abs(values - other).max() <= tolerance * np.abs(values).max(), name
 
 
-def test_imatrix_equals_llama_cpps_own_collection(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama-gqa", "phi3"])   # Phi-3: fused qkv_proj / gate_up_proj in PyTorch
+def test_imatrix_equals_llama_cpps_own_collection(family, tmp_path, monkeypatch):
     """selfprune's importance matrix of a pruned model (refit, heads and channels gone) is the one llama.cpp's
     graph computes from the exported file on the same tokens."""
     tokenizer = byte_tokenizer()
-    model = tiny_model("llama-gqa", vocab_size=len(tokenizer))
+    model = tiny_model(family, vocab_size=len(tokenizer))
     windows = _windows(tokenizer)
     pruner = Pruner(model, tokenizer, "flap", CalibrationConfig(source="c4", num_samples=8, seq_len=32),
                     structure="proportional", progress=False, reconstruct="lstsq")
