@@ -347,12 +347,12 @@ class Pruner:
         ``LayerSelection``). A refit reads ``moments`` when given (``build`` takes them layer by layer), else
         the cached ones (``cache_moments``, taken on first use)."""
         kept_q, kept_kv, kept_ch = self.kept_units(layer_index, plan)
-        geom = self.geometries[layer_index]
         layer = self.adapter.layers()[layer_index]
-        attn, mlp = self.adapter.attention_linears(layer), self.adapter.mlp_linears(layer)
-        o_extra = down_extra = None
         if self.reconstruct == "lstsq":
             return self._refit_selection(layer_index, layer, kept_q, kept_kv, kept_ch, moments)
+        geom = self.geometries[layer_index]
+        attn, mlp = self.adapter.attention_linears(layer), self.adapter.mlp_linears(layer)
+        o_extra = down_extra = None
         if self.bias_compensation:
             stats = self.calibration.layers[layer_index]
             with onloaded(layer):  # an offloaded layer's weights are read in (a no-op for a loaded one)

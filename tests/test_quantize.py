@@ -325,3 +325,31 @@ def test_search_saves_the_best_models_importance_matrix(tmp_path, capsys):
     assert main(["export", "--model", str(run / "model"), "--outtype", "q8_0", "--out", str(out), "--threads", "1"]) == 0
     fields = GGUFReader(str(out)).fields
     assert bytes(fields["quantize.imatrix.file"].parts[-1]).decode() == str(run / "model" / "imatrix.gguf")
+
+
+def test_imatrix_follows_the_padding_of_one_shape_graphs(tmp_path):
+    """Gemma 3 pruned (query heads gone in some layers): attn_output's entry goes back to the original head
+    positions and ffn_down's is padded, so each quantized tensor is ggml's quantization weighted by them."""
+    from selfprune.export.gguf_export import importance_for_file
+
+    tokenizer = byte_tokenizer()
+    model = tiny_model("gemma3", vocab_size=len(tokenizer), hidden_size=128, head_dim=32, intermediate_size=256)
+    pruned = Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=4, seq_len=32), gqa_policy="query",
+                    structure="proportional", bias_compensation=False, progress=False).build([0.3, 0.5, 0.1, 0.6])[0]
+    assert any(layer.self_attn.o_proj.in_features < 128 for layer in pruned.model.layers)
+    imatrix = collect_imatrix(pruned, tokenizer, CalibrationConfig(num_samples=4, seq_len=32))
+    weights = importance_for_file(pruned, imatrix, 32)
+    f32 = _tensors(export_gguf(pruned, tokenizer, tmp_path / "g.f32.gguf", "f32"))
+    quantized = _tensors(export_gguf(pruned, tokenizer, tmp_path / "g.q8.gguf", "q4_0", imatrix=imatrix, threads=1))
+    means = imatrix.means()
+    for index, spec in enumerate(pruned.config.selfprune["layers"]):   # each kept head's entry at its own place
+        name = f"blk.{index}.attn_output.weight"
+        for position, head in enumerate(spec["kept_query_heads"]):
+            np.testing.assert_array_equal(weights[name][head * 32:(head + 1) * 32],
+                                          means[name][position * 32:(position + 1) * 32])
+    for name in (f"blk.{i}.{t}.weight" for i in range(4) for t in ("attn_output", "ffn_down")):
+        values = np.asarray(f32[name].data, dtype=np.float32)
+        assert weights[name].shape == (values.shape[1],)
+        tensor = quantized[name]
+        data = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+        assert np.array_equal(quantize_tensor(values, tensor.tensor_type.name.lower(), weights[name]), data), name

@@ -479,13 +479,11 @@ def importance_for_file(model, imatrix: ImportanceMatrix, ffn_multiple: int) -> 
             fill = float(values.mean()) if values.size else 1.0   # zero rows and columns: any weight gives their bytes
             if name == "ffn_down" and ffn > values.size:
                 values = np.concatenate([values, np.full(ffn - values.size, fill, np.float32)])
-            if name == "attn_output" and padded:   # heads back at their original positions
-                heads, head_dim = model.config.num_attention_heads, adapter.head_dim
+            if name == "attn_output" and padded:   # heads back at their original positions, as the weights are
+                heads = model.config.num_attention_heads
                 kept = spec[index]["kept_query_heads"] if spec else list(range(heads))
-                full = np.full(heads * head_dim, fill, np.float32)
-                for position, head in enumerate(kept):
-                    full[head * head_dim:(head + 1) * head_dim] = values[position * head_dim:(position + 1) * head_dim]
-                values = full
+                values = padded_writer(adapter.model_type).scatter_heads(
+                    torch.from_numpy(values), kept, heads, adapter.head_dim, fill).numpy()
             out[key] = values
     return out
 

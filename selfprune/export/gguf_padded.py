@@ -86,9 +86,9 @@ def padded_ffn(model, ffn_multiple: int) -> int:
     return -(-widest // ffn_multiple) * ffn_multiple if widest else ffn_multiple
 
 
-def _scatter_rows(weight: torch.Tensor, kept: list[int], total: int, head_dim: int) -> torch.Tensor:
-    """Rows of the kept heads put back at their original head positions, zeros elsewhere."""
-    out = weight.new_zeros((total * head_dim, *weight.shape[1:]))
+def scatter_heads(weight: torch.Tensor, kept: list[int], total: int, head_dim: int, fill: float = 0.0) -> torch.Tensor:
+    """Rows of the kept heads put back at their original head positions, ``fill`` elsewhere."""
+    out = weight.new_full((total * head_dim, *weight.shape[1:]), fill)
     for position, head in enumerate(kept):
         out[head * head_dim:(head + 1) * head_dim] = weight[position * head_dim:(position + 1) * head_dim]
     return out
@@ -122,11 +122,11 @@ def tensors(model, ffn_multiple: int):
         for gguf_name, linear, kept, total in (("attn_q", attn.q, kept_q, heads), ("attn_k", attn.k, kept_kv, kv_heads),
                                                ("attn_v", attn.v, kept_kv, kv_heads)):
             if linear.bias is not None:
-                yield f"{prefix}.{gguf_name}.bias", _scatter_rows(linear.bias.detach(), kept, total, head_dim)
-        yield f"{prefix}.attn_q.weight", _scatter_rows(attn.q.weight.detach(), kept_q, heads, head_dim)
-        yield f"{prefix}.attn_k.weight", _scatter_rows(attn.k.weight.detach(), kept_kv, kv_heads, head_dim)
-        yield f"{prefix}.attn_v.weight", _scatter_rows(attn.v.weight.detach(), kept_kv, kv_heads, head_dim)
-        yield f"{prefix}.attn_output.weight", _scatter_rows(attn.o.weight.detach().T, kept_q, heads, head_dim).T
+                yield f"{prefix}.{gguf_name}.bias", scatter_heads(linear.bias.detach(), kept, total, head_dim)
+        yield f"{prefix}.attn_q.weight", scatter_heads(attn.q.weight.detach(), kept_q, heads, head_dim)
+        yield f"{prefix}.attn_k.weight", scatter_heads(attn.k.weight.detach(), kept_kv, kv_heads, head_dim)
+        yield f"{prefix}.attn_v.weight", scatter_heads(attn.v.weight.detach(), kept_kv, kv_heads, head_dim)
+        yield f"{prefix}.attn_output.weight", scatter_heads(attn.o.weight.detach().T, kept_q, heads, head_dim).T
         if family.qk_norms:
             yield f"{prefix}.attn_q_norm.weight", _norm(self_attn.q_norm.weight)
             yield f"{prefix}.attn_k_norm.weight", _norm(self_attn.k_norm.weight)
