@@ -1,12 +1,18 @@
 """Deploy II benchmark: the size / quality frontier of GGUF files llama.cpp runs, dense and pruned.
 
-SmolLM2-135M-Instruct. Dense at every llama-quantize preset, without and with an importance matrix; pruned models
+SmolLM2-135M-Instruct (the default). Dense at every llama-quantize preset, without and with an importance matrix; pruned models
 (uniform FLAP at 10 / 20 / 30 / 50% and the best searched allocation at 20 / 30 / 50%, both refit by least squares,
-the best training-free finish in bench/results/reconstruct.md) at q8_0 / q4_k_m / q3_k_m / q2_k with their own
-importance matrix (q6_k was left out for the pruned models, to fit the benchmark into one session). Columns: file MiB, MiB of the decoder layers alone (what scales to 7B / 70B, where the
-embeddings are 2-4% of the weights), llama.cpp perplexity (WikiText-2 test, 80 windows of 128, the PyTorch
+the best training-free finish in bench/results/reconstruct.md; and the refit searched 20% model after KD on 0.1M
+tokens, bench/bench_recover.py's, where it exists) at q8_0 / q6_k / q4_k_m / q3_k_m / q2_k with their own importance
+matrix. Columns: file MiB, MiB of the decoder layers alone (what scales to 7B / 70B, where the embeddings are 2-4% of
+the weights), llama.cpp perplexity (WikiText-2 test, 80 windows of 128, the PyTorch
 evaluator's windows, llama.cpp's default f16 KV cache), and with --speed prefill / decode tokens/s at 1 and 2
 threads, each pruned file timed interleaved with the dense file of the same preset.
+
+Gemma 3 270M (`--base-model gemma3-270m`): dense at 7 presets with and without an importance matrix, uniform FLAP
+10 / 20 / 30 / 50% and the OWL allocation at 20% (no search has run on Gemma; OWL's uneven MLP widths show what the
+one-shape `gemma3` graph's padding costs). Its graph has no o_proj / down_proj bias, so the refit fits none
+(`--bias-compensation off`).
 
     python bench/bench_frontier.py --quality       # export, quantize, perplexity (rows appended, resumable)
     python bench/bench_frontier.py --speed         # prefill / decode timings (run on an otherwise idle machine)
@@ -33,17 +39,27 @@ ROWS = RESULTS / "frontier_rows.jsonl"
 WORK = Path(os.environ.get("SELFPRUNE_GGUF_WORK", "/tmp/selfprune-frontier"))
 DENSE_PRESETS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "q3_k_m", "q3_k_s", "q2_k", "iq3_xxs",
                  "iq2_xs")
-PRUNED_PRESETS = ("q8_0", "q4_k_m", "q3_k_m", "q2_k")
+PRUNED_PRESETS = ("q8_0", "q6_k", "q4_k_m", "q3_k_m", "q2_k")
 UNIFORM_RATES = (0.1, 0.2, 0.3, 0.5)
 SEARCHED_RATES = (0.2, 0.3, 0.5)
 CALIBRATION = CalibrationConfig(source="c4", num_samples=128, seq_len=128, seed=0, data_dir=DATA_DIR)
 WINDOWS = 80
 SPEED_PRESETS = ("q8_0", "q4_k_m")   # the files kept for --speed
 THREADS = 1   # llama.cpp threads for quantizing and perplexity (--threads); results do not depend on it
+# Other base models (--base-model): fewer presets (each llama.cpp pass over a 262k-token vocabulary costs more)
+GEMMA = "gemma3-270m"
+GEMMA_DENSE_PRESETS = ("f16", "q8_0", "q6_k", "q4_k_m", "q3_k_m", "q2_k", "iq2_xs")
+OWL_M, OWL_LAMBDA = 5.0, 0.08   # selfprune search --operator owl's defaults
+BASE_MODEL = "default"   # --base-model
+# name -> bench_recover.py row: the refit searched 20% allocation distilled from the dense model
+KD_MODELS = {"searched-0.2-kd0.1M": "searched 20% v3 refit kd full 0.1M lr 3e-4"}
+TITLES = {"default": "SmolLM2-135M", GEMMA: "Gemma 3 270M"}
 
 
-def load_rows() -> list[dict]:
-    return [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()] if ROWS.exists() else []
+def load_rows(base_model: str | None = None) -> list[dict]:
+    """The rows of one base model (rows written before other base models were added are the default's)."""
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()] if ROWS.exists() else []
+    return [r for r in rows if base_model is None or r.get("base_model", "default") == base_model]
 
 
 def append(row: dict) -> None:
@@ -57,7 +73,11 @@ def model_plan() -> dict[str, dict]:
     plan = {"dense": {"rates": None, "method": "dense"}}
     for rate in UNIFORM_RATES:
         plan[f"uniform-{rate:g}"] = {"rates": rate, "criterion": "flap", "method": "uniform FLAP + lstsq refit"}
-    pinned = {r["model"]: r for r in load_rows() if r["model"].startswith("searched")}
+    if BASE_MODEL != "default":   # no search has run on it: OWL's allocation stands for the uneven ones
+        plan["owl-0.2"] = {"rates": "owl", "target": 0.2, "criterion": "flap",
+                           "method": f"OWL allocation (M {OWL_M:g}, lambda {OWL_LAMBDA:g}) FLAP + lstsq refit"}
+        return plan
+    pinned = {r["model"]: r for r in load_rows(BASE_MODEL) if r["model"].startswith("searched")}
     for rate in SEARCHED_RATES:
         name = f"searched-{rate:g}"
         if name in pinned:
@@ -68,6 +88,12 @@ def model_plan() -> dict[str, dict]:
         if row:
             plan[name] = {"rates": row["best_rates"], "criterion": row["criterion"],
                           "method": f"searched ({row['operator']}, seed {row['seed']}) + lstsq refit"}
+    for name, recovered in KD_MODELS.items():   # distilled models bench_recover.py trained, where they exist
+        from bench_recover import recovered_dir
+
+        if (recovered_dir(recovered) / "config.json").is_file():
+            plan[name] = {"rates": "folder", "path": str(recovered_dir(recovered)),
+                          "method": f"bench_recover.py: {recovered}"}
     return plan
 
 
@@ -78,19 +104,35 @@ def decoder_mib(path: Path) -> float:
 
 
 class Frontier:
-    def __init__(self):
+    def __init__(self, base_model: str = "default"):
         from bench_reconstruct import Bench
 
-        self.bench = Bench("default")
+        from selfprune.export.gguf_export import PADDED_FAMILIES
+
+        self.base_model = base_model
+        self.bench = Bench(base_model)
         self.tokenizer = self.bench.tokenizer
         self.windows = self.bench.evaluators["test"].windows[:WINDOWS]
+        # llama.cpp's one-shape graphs (gemma3, gemma2, qwen3) have no o_proj / down_proj bias: refit without one
+        self.intercept = self.bench.model.config.model_type not in PADDED_FAMILIES
+        self.work = WORK if base_model == "default" else WORK / base_model
 
     def build(self, spec: dict):
         from selfprune.reconstruction import DEFAULT_RIDGE
 
         if spec["rates"] is None:
             return self.bench.model
-        pruner = self.bench.pruner(spec["criterion"], "lstsq", DEFAULT_RIDGE)
+        if spec["rates"] == "folder":
+            from selfprune.models import load_model
+
+            return load_model(spec["path"])[0]
+        pruner = self.bench.pruner(spec["criterion"], "lstsq", DEFAULT_RIDGE, intercept=self.intercept)
+        if spec["rates"] == "owl":
+            from selfprune.search.operators import owl_rates
+            from selfprune.search.space import SearchSpace
+
+            spec["rates"] = owl_rates(SearchSpace(pruner.layer_params, spec["target"]),
+                                      pruner.outlier_ratios(OWL_M), OWL_LAMBDA)
         rates = spec["rates"] if isinstance(spec["rates"], list) else [spec["rates"]] * pruner.num_layers
         return pruner.build(rates)[0]
 
@@ -105,6 +147,7 @@ class Frontier:
                 and not (p in NEEDS_IMATRIX and not m) and not (p == "f16" and m)]
         if not todo:
             return
+        WORK = self.work
         WORK.mkdir(parents=True, exist_ok=True)
         model = self.build(spec)
         f32 = WORK / f"{name}.f32.gguf"
@@ -126,26 +169,38 @@ class Frontier:
             quantize_seconds = time.perf_counter() - start
             start = time.perf_counter()
             ppl = gguf_perplexity(path, windows=self.windows, threads=THREADS)
-            append({"model": name, "method": spec["method"], "criterion": spec.get("criterion"),
+            append({"base_model": self.base_model, "model": name, "method": spec["method"],
+                    "criterion": spec.get("criterion"), "padding": padding(model),
                     "rates": spec["rates"], "preset": preset, "imatrix": use_matrix,
                     "mib": path.stat().st_size / 2**20, "decoder_mib": decoder_mib(path), "ppl": ppl["ppl"],
                     "quantize_seconds": quantize_seconds, "ppl_seconds": time.perf_counter() - start,
                     "settings": {"ppl": {k: ppl[k] for k in ("seq_len", "windows", "tokens", "predicted_tokens")}
                                  | {"text": "wikitext2/test", "kv_cache": "f16"},
-                                 "imatrix": CALIBRATION.to_dict() if use_matrix else None, "ffn_multiple": 32},
+                                 "imatrix": CALIBRATION.to_dict() if use_matrix else None, "ffn_multiple": 32,
+                                 "refit_intercept": self.intercept},
                     "versions": versions()})
             if preset not in SPEED_PRESETS:
                 path.unlink()   # the timed presets' files stay for --speed
 
 
+def padding(model) -> dict | None:
+    """Zero parameters written to give every layer one shape (llama.cpp's one-shape graphs only)."""
+    from selfprune.export.gguf_export import PADDED_FAMILIES, padded_writer
+
+    if model.config.model_type not in PADDED_FAMILIES:
+        return None
+    return padded_writer(model.config.model_type).padding_cost(model, 32)
+
+
 def run_quality(models: list[str] | None) -> None:
     plan = model_plan()
-    frontier = Frontier()
+    frontier = Frontier(BASE_MODEL)
     for name in models or list(plan):   # in the order given
         spec = plan[name]
-        done = {(r["model"], r["preset"], r["imatrix"]) for r in load_rows() if r.get("kind") != "speed"}
+        done = {(r["model"], r["preset"], r["imatrix"]) for r in load_rows(BASE_MODEL) if r.get("kind") != "speed"}
         if name == "dense":
-            frontier.quality(name, spec, DENSE_PRESETS, (False, True), done)
+            presets = DENSE_PRESETS if BASE_MODEL == "default" else GEMMA_DENSE_PRESETS
+            frontier.quality(name, spec, presets, (False, True), done)
         else:
             frontier.quality(name, spec, PRUNED_PRESETS, (True,), done)
 
@@ -154,16 +209,17 @@ def run_speed(presets=("q4_k_m",)) -> None:
     """Each pruned file against the dense file of the same preset (both with importance matrices), interleaved."""
     from selfprune.evaluation.llamacpp import compare_speed_gguf
 
-    done = {(r["model"], r["preset"]) for r in load_rows() if r.get("kind") == "speed"}
+    work = WORK if BASE_MODEL == "default" else WORK / BASE_MODEL
+    done = {(r["model"], r["preset"]) for r in load_rows(BASE_MODEL) if r.get("kind") == "speed"}
     for preset in presets:
-        dense = WORK / f"dense.{preset}.imatrix.gguf"
-        for path in sorted(WORK.glob(f"*.{preset}.imatrix.gguf")):
+        dense = work / f"dense.{preset}.imatrix.gguf"
+        for path in sorted(work.glob(f"*.{preset}.imatrix.gguf")):
             name = path.name.split(f".{preset}")[0]
             if name == "dense" or (name, preset) in done or not dense.exists():
                 continue
             result = compare_speed_gguf(path, dense, threads=(1, 2))
-            append({"kind": "speed", "model": name, "preset": preset, "imatrix": True, **result,
-                    "load_average": os.getloadavg(), "versions": versions()})
+            append({"kind": "speed", "base_model": BASE_MODEL, "model": name, "preset": preset, "imatrix": True,
+                    **result, "load_average": os.getloadavg(), "versions": versions()})
 
 
 # -- the table and the plots -------------------------------------------------------------------------------
@@ -179,46 +235,66 @@ def pareto(rows: list[dict], key: str = "mib") -> set[int]:
 
 
 def render() -> None:
-    rows = [r for r in load_rows() if "ppl" in r and r.get("kind") != "speed"]
-    front = pareto(rows)
-    front_decoder = pareto(rows, "decoder_mib")
-    lines = ["# The size / quality frontier: SmolLM2-135M GGUF files, dense and pruned", "",
+    """frontier.md / frontier.json: one section per base model (SmolLM2 first), each with its own front."""
+    lines = ["# The size / quality frontier: GGUF files of SmolLM2-135M and Gemma 3 270M, dense and pruned", "",
              "llama.cpp perplexity on WikiText-2 test (80 windows of 128 tokens, the PyTorch evaluator's windows, "
              "llama.cpp's default f16 KV cache). Pruned models: FLAP, structure mlp_first, GQA policy group, refit by "
              "least squares (ridge 1e-5, C4 128 x 128 calibration); searched = the allocation with the best "
              "validation fitness in results/search*.json. Importance matrices: each model's own, C4 validation "
              "128 x 128 tokens. MLP widths padded to multiples of 32. 'front': on the Pareto front of file MiB vs "
-             "perplexity over every row; 'front (layers)': of decoder-layer MiB vs perplexity. Generated by "
-             "bench/bench_frontier.py from frontier.json.", "",
-             "| model | preset | imatrix | MiB | decoder MiB | ppl | front | front (layers) |", "|---|---|---|---|---|---|---|---|"]
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["mib"])
-    for i in order:
+             "perplexity over the rows of that model; 'front (layers)': of decoder-layer MiB vs perplexity. "
+             "Generated by bench/bench_frontier.py from frontier.json."]
+    data = {"models": {}, "versions": versions()}
+    for base_model in sorted({r.get("base_model", "default") for r in load_rows()}, key=lambda m: m != "default"):
+        section, data["models"][base_model] = model_section(base_model)
+        lines += section
+    atomic_write_json(RESULTS / "frontier.json", data)
+    atomic_write_text(RESULTS / "frontier.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def model_section(base_model: str) -> tuple[list[str], dict]:
+    rows = [r for r in load_rows(base_model) if "ppl" in r and r.get("kind") != "speed"]
+    front = pareto(rows)
+    front_decoder = pareto(rows, "decoder_mib")
+    title = TITLES.get(base_model, base_model)
+    lines = ["", f"## {title}", ""]
+    if base_model != "default":
+        lines += ["Rows with zero parameters: llama.cpp's `gemma3` graph takes one shape for every layer, so an "
+                  "uneven allocation is written padded to the widest kept layer (outputs unchanged; 'zero params' "
+                  "counts what the padding adds). The refit fits no bias there (the graph has none).", ""]
+    lines += ["| model | preset | imatrix | MiB | decoder MiB | ppl | zero params | front | front (layers) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for i in sorted(range(len(rows)), key=lambda i: rows[i]["mib"]):
         r = rows[i]
+        zeros = (r.get("padding") or {}).get("zero_parameters")
         lines.append(f"| {r['model']} | {r['preset']} | {'yes' if r['imatrix'] else 'no'} | {r['mib']:.1f} | "
-                     f"{r['decoder_mib']:.1f} | {r['ppl']:.2f} | {'**yes**' if i in front else ''} | "
-                     f"{'**yes**' if i in front_decoder else ''} |")
-    before = json.loads((RESULTS / "gguf.json").read_text())["rows"].get("dense", {})
+                     f"{r['decoder_mib']:.1f} | {r['ppl']:.2f} | {f'{zeros:,}' if zeros else ''} | "
+                     f"{'**yes**' if i in front else ''} | {'**yes**' if i in front_decoder else ''} |")
     dense_plain = {r["preset"]: r for r in rows if r["model"] == "dense" and not r["imatrix"]}
-    lines += ["", "## The tied embedding written once", "",
-              "Dense files before (bench/results/gguf.json, which wrote `output.weight` beside the tied "
-              "`token_embd.weight`) and now, same windows. q4_k_m's perplexity moves because llama.cpp then "
-              "quantizes the one tied matrix with the output rule (q8_0 for 576-value rows).", "",
-              "| preset | MiB before | MiB now | ppl before | ppl now |", "|---|---|---|---|---|"]
-    for preset in ("f16", "q8_0", "q4_k_m"):
-        if preset in before and preset in dense_plain:
-            b, a = before[preset], dense_plain[preset]
-            lines.append(f"| {preset} | {b['file_bytes'] / 2**20:.1f} | {a['mib']:.1f} | {b['ppl']:.2f} | {a['ppl']:.2f} |")
-    lines += ["", "## Importance matrix: same preset, without vs with", "",
+    if base_model == "default":
+        before = json.loads((RESULTS / "gguf.json").read_text())["rows"].get("dense", {})
+        lines += ["", "### The tied embedding written once", "",
+                  "Dense files before (bench/results/gguf.json, which wrote `output.weight` beside the tied "
+                  "`token_embd.weight`) and now, same windows. q4_k_m's perplexity moves because llama.cpp then "
+                  "quantizes the one tied matrix with the output rule (q8_0 for 576-value rows).", "",
+                  "| preset | MiB before | MiB now | ppl before | ppl now |", "|---|---|---|---|---|"]
+        for preset in ("f16", "q8_0", "q4_k_m"):
+            if preset in before and preset in dense_plain:
+                b, a = before[preset], dense_plain[preset]
+                lines.append(f"| {preset} | {b['file_bytes'] / 2**20:.1f} | {a['mib']:.1f} | {b['ppl']:.2f} | "
+                             f"{a['ppl']:.2f} |")
+    lines += ["", "### Importance matrix: same preset, without vs with", "",
               "| preset | MiB | ppl without | ppl with | change |", "|---|---|---|---|---|"]
     dense = {(r["preset"], r["imatrix"]): r for r in rows if r["model"] == "dense"}
     for preset in DENSE_PRESETS:
         if (preset, False) in dense and (preset, True) in dense:
             a, b = dense[(preset, False)], dense[(preset, True)]
             lines.append(f"| {preset} | {a['mib']:.1f} | {a['ppl']:.2f} | {b['ppl']:.2f} | {b['ppl'] / a['ppl'] - 1:+.1%} |")
-    speed = [r for r in load_rows() if r.get("kind") == "speed"]
+    speed = [r for r in load_rows(base_model) if r.get("kind") == "speed"]
     if speed:
-        lines += ["", "## Speed in llama.cpp (each file against the dense file of the same preset, both with importance "
-                  "matrices)", "",
+        lines += ["", "### Speed in llama.cpp (each file against the dense file of the same preset, both with "
+                  "importance matrices)", "",
                   f"Prefill {speed[0]['prompt_len']} tokens, decode {speed[0]['decode_tokens']} tokens; medians of "
                   f"{speed[0]['repeats']} interleaved repeats; time ratio = pruned / dense (lower is faster), beside the "
                   "FLOPs ideal. Load average before each pair in the last column.", "",
@@ -232,13 +308,11 @@ def render() -> None:
                              f"{pre['dense']['tokens_per_s']:.0f} | {pre['time_ratio']:.3f} | {pre['ideal_ratio']:.3f} | "
                              f"{dec['pruned']['tokens_per_s']:.1f} | {dec['dense']['tokens_per_s']:.1f} | "
                              f"{dec['time_ratio']:.3f} | {dec['ideal_ratio']:.3f} | {r['load_average_before'][0]:.1f} |")
-    lines += ["", "## Findings", ""] + findings(rows, front, front_decoder)
-    data = {"rows": rows, "speed": speed, "front": sorted(front), "front_decoder": sorted(front_decoder),
-            "versions": versions()}
-    atomic_write_json(RESULTS / "frontier.json", data)
-    atomic_write_text(RESULTS / "frontier.md", "\n".join(lines) + "\n")
-    plot(rows, front, front_decoder)
-    print("\n".join(lines))
+    lines += ["", "### Findings", ""] + findings(rows, front, front_decoder)
+    suffix = "" if base_model == "default" else f"_{base_model}"
+    plot(rows, front, front_decoder, title, RESULTS / f"frontier{suffix}.png")
+    lines += ["", f"Plot: `frontier{suffix}.png`."]
+    return lines, {"rows": rows, "speed": speed, "front": sorted(front), "front_decoder": sorted(front_decoder)}
 
 
 def findings(rows, front, front_decoder) -> list[str]:
@@ -267,12 +341,14 @@ def findings(rows, front, front_decoder) -> list[str]:
                 f"{nxt[key] - r[key]:.1f} MiB larger at perplexity {nxt['ppl']:.1f})" if nxt else ""))
         out.append(text + ("; above it " + "; ".join(gaps) + ", and the dense presets win everywhere else."
                            if gaps else ", and loses to the dense presets everywhere above."))
-    out.append("- One calibration sample (C4, seed 0) for every importance matrix and refit; one search seed per "
-               "searched allocation; perplexities from one pass over the same 80 windows.")
+    searched = any(r["model"].startswith("searched") for r in rows)
+    out.append("- One calibration sample (C4, seed 0) for every importance matrix and refit; "
+               + ("one search seed per searched allocation; " if searched else "")
+               + "perplexities from one pass over the same 80 windows.")
     return out
 
 
-def plot(rows, front, front_decoder) -> None:
+def plot(rows, front, front_decoder, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,9 +372,10 @@ def plot(rows, front, front_decoder) -> None:
         ax.set_ylabel("llama.cpp perplexity (WikiText-2 test)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M GGUF files: perplexity against size")
+    fig.suptitle(f"{title} GGUF files: perplexity against size")
     fig.tight_layout()
-    fig.savefig(RESULTS / "frontier.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -309,9 +386,11 @@ def main() -> None:
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads for quantizing and perplexity")
     parser.add_argument("--models", default=None, help="comma list of model names (dense, uniform-0.2, searched-0.5)")
+    parser.add_argument("--base-model", default="default", choices=("default", GEMMA),
+                        help="the model the rows are made from")
     args = parser.parse_args()
-    global THREADS
-    THREADS = args.threads
+    global THREADS, BASE_MODEL
+    THREADS, BASE_MODEL = args.threads, args.base_model
     if args.quality:
         run_quality(args.models.split(",") if args.models else None)
     if args.speed:

@@ -118,11 +118,12 @@ class Bench:
                                                                self._bases[criterion].adapter, self.calibration, False)
         return self._bases[criterion]
 
-    def pruner(self, criterion: str, mode: str, ridge: float) -> Pruner:
+    def pruner(self, criterion: str, mode: str, ridge: float, intercept: bool = True) -> Pruner:
+        """``intercept=False``: the refit fits no bias (for llama.cpp graphs that have none)."""
         base = self.base(criterion)
         state = {k: v for k, v in base.state().items() if k not in ("moments",)}
         state |= {"reconstruct": "bias" if mode == "bias" else "lstsq", "sequential": mode == "lstsq-seq",
-                  "ridge": ridge, "moments": None}
+                  "ridge": ridge, "moments": None, "refit_intercept": intercept}
         pruner = Pruner.from_state(self.model, state, self.tokenizer)
         if mode == "lstsq":   # the dense model's moments do not depend on the criterion: taken once per model
             if self._moments is None:

@@ -42,6 +42,10 @@ ROW_DEFAULT_LR = {"full": 1e-4, "lora": 5e-4}
 # Starting points from a later search than the one "searched N%" was pinned from, each named after its run
 # (the run with the best validation fitness at its rate when it was added), so both stay comparable.
 LATER_SEARCHED_BASES = {"searched 20% v3": "runs/llm-v3-t0.2-b100-s2"}
+# The same allocation finished by the least-squares refit (issue 29), built as bench_reconstruct.py builds its
+# searched rows (the search's criterion, 128 calibration samples, ridge 1e-5): is a refit start worth tokens?
+REFIT_BASES = {"searched 20% v3 refit": {"from_base": "searched 20% v3", "criterion": "flap_unsquared",
+                                         "num_samples": 128, "reconstruct": "lstsq", "ridge": 1e-5}}
 THREADS = None  # --threads: 1 on a CPU shared with other jobs (two threads spin against them)
 
 
@@ -65,6 +69,13 @@ def base_models() -> list[dict]:
     for name, run_dir in LATER_SEARCHED_BASES.items():
         row = searched_row(run_dir)
         bases += searched(name, row, row and f"{row['operator']}, {run_dir}")
+    by_name = {b["name"]: b for b in bases}
+    for name, finish in REFIT_BASES.items():
+        source = by_name.get(finish["from_base"])
+        if source:
+            bases.append(source | {k: v for k, v in finish.items() if k != "from_base"} | {
+                "name": name, "from": f"{source['from']}; refit by least squares (ridge {finish['ridge']:g}, "
+                                      f"{finish['num_samples']} C4 calibration samples, {finish['criterion']})"})
     return bases
 
 
@@ -111,6 +122,8 @@ def plan(bases: list[dict]) -> list[dict]:
     for base in ("uniform 30%", "searched 30%"):  # the third rate at the recipe a user should start with
         add(base, "kd", False, 100_000, 3e-4)
     add("searched 20%", "lm", False, 100_000, 3e-4)  # KD vs LM at the default lr, on a searched model
+    add("searched 20% v3 refit", "kd", False, 100_000, 3e-4)  # issue 29: the refit start, <= 76 on 0.1M?
+    add("searched 20% v3 refit", "kd", False, 500_000, 3e-4)
     for row in rows:
         row["name"] = f"{row['base']} {row['method']} {'lora' if row['lora'] else 'full'} {row['tokens'] / 1e6:g}M"
         row["name"] += f" lr {lr_text(row['lr'])}" if row["lr"] else ""
@@ -144,8 +157,10 @@ def ensure_pruned(base: dict) -> Path:
     from selfprune.pruning import Pruner
 
     model, tokenizer = load_model("default")
-    pruner = Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=64, data_dir=DATA_DIR),
-                    gqa_policy=base["gqa_policy"], progress=False)
+    pruner = Pruner(model, tokenizer, base.get("criterion", "flap"),
+                    CalibrationConfig(num_samples=base.get("num_samples", 64), data_dir=DATA_DIR),
+                    gqa_policy=base["gqa_policy"], progress=False, reconstruct=base.get("reconstruct", "bias"),
+                    ridge=base.get("ridge", 1e-5))
     rates = base["rates"] if isinstance(base["rates"], list) else [base["rates"]] * pruner.num_layers
     pruned, report = pruner.build(rates)
     save_pruned(pruned, tokenizer, out, {"report": report.to_dict()}, overwrite=True)
@@ -329,10 +344,10 @@ def task_models(results: dict, bases: dict) -> list[tuple[str, Path]]:
     from selfprune.models import resolve_model_spec
 
     models = [("dense", Path(resolve_model_spec("default")))]
-    for base in ("uniform 20%", "searched 20%"):
+    for base in ("uniform 20%", "searched 20%", *LATER_SEARCHED_BASES, *REFIT_BASES):
         if base in bases:
             models.append((base, pruned_dir(base)))
-    for base in ("uniform 20%", "searched 20%", *LATER_SEARCHED_BASES):
+    for base in ("uniform 20%", "searched 20%", *LATER_SEARCHED_BASES, *REFIT_BASES):
         for name, row in results["rows"].items():
             if row["base"] == base and not row["lora"] and row["tokens"] >= 100_000:
                 models.append((name, recovered_dir(name)))

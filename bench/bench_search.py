@@ -141,17 +141,27 @@ def main() -> None:
                         help="retries of an unusable LLM answer (the CLI's default is 2)")
     parser.add_argument("--llm-threads", type=int, default=2,
                         help="llama.cpp threads (the search waits on each call, so both cores are free then)")
+    parser.add_argument("--llm-model", default="self", choices=("self", "qwen2.5-0.5b", "qwen2.5-1.5b"),
+                        help="the LLM operator with --llm-server: the pruned model's own GGUF (self), or a packaged "
+                             "Qwen2.5-Coder-Instruct GGUF (scripts/install.sh --with-qwen)")
     parser.add_argument("--regenerate", action="store_true",
                         help="only rebuild results/<name>.json and .md from the stored rows and settings")
     args = parser.parse_args()
     if args.regenerate:
         regenerate(args.name)
         return
-    server = None
-    if args.llm_server:
+    server, llm_name = None, None
+    if args.llm_model != "self" and not args.llm_server:
+        parser.error("--llm-model needs --llm-server (the Qwen operators are served by llama.cpp)")
+    if args.llm_server and args.llm_model == "self":
         from selfprune.models.loading import packaged_default_gguf
 
         server, _ = serve_gguf(packaged_default_gguf(), args.llm_threads)
+    elif args.llm_server:
+        from selfprune.models.packaged import assemble
+
+        server, _ = serve_gguf(assemble(args.llm_model), args.llm_threads)
+        llm_name = args.llm_model
     _, tokenizer = load_model("default")
     test_evaluator = PerplexityEvaluator(tokenizer, "wikitext2", "test", 128, args.test_windows, 8, DATA_DIR)
     test = test_evaluator.settings
@@ -174,18 +184,21 @@ def main() -> None:
         save(rows, args, test)
         return
     done = {(r["operator"].split(" ")[0], r["target"], r["budget"], gqa_of(r), r.get("seed", 0),
-             r.get("reconstruct", "bias"), r.get("ridge") if r.get("reconstruct", "bias") != "bias" else None)
-            for r in rows}
+             r.get("reconstruct", "bias"), r.get("ridge") if r.get("reconstruct", "bias") != "bias" else None,
+             r.get("llm_model", "self")) for r in rows}
     plan = [(target, seed, operator) for target in [float(x) for x in args.rates.split(",")]
             for seed in [int(x) for x in args.seeds.split(",")] for operator in args.operators.split(",")]
     for target, seed, operator in plan:
         budget = 1 if operator in ("uniform", "owl") else args.budget
         ridge = None if args.reconstruct == "bias" else args.ridge
-        if (operator, target, budget, args.gqa_policy, seed, args.reconstruct, ridge) in done or (budget == 1 and seed != 0):
+        key = (operator, target, budget, args.gqa_policy, seed, args.reconstruct, ridge,
+               args.llm_model if operator == "llm" else "self")
+        if key in done or (budget == 1 and seed != 0):
             continue  # uniform and OWL do not depend on the search seed
         start = time.time()
         run = run_search(operator, target, budget, args.fitness_windows, seed, server, args.llm_retries,
-                         args.gqa_policy, args.criterion, reconstruct=args.reconstruct, ridge=ridge)
+                         args.gqa_policy, args.criterion, reconstruct=args.reconstruct, ridge=ridge,
+                         llm_name=llm_name if operator == "llm" else None)
         summary = json.loads((run / "summary.json").read_text())
         journal = [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
         model, _ = load_model(str(run / "model"))
@@ -197,12 +210,13 @@ def main() -> None:
         if operator == "llm-random":
             label = f"llm-random (prompts {config['llm']['prompt_version']}, {config['llm']['retries']} retries)"
         if operator == "llm":
-            label = (f"llm (self{', llama.cpp' if server else ''}, prompts {config['llm']['prompt_version']}, "
-                     f"{config['llm']['retries']} retries)")
+            label = (f"llm ({llm_name or 'self'}{', llama.cpp' if server else ''}, prompts "
+                     f"{config['llm']['prompt_version']}, {config['llm']['retries']} retries)")
         if args.reconstruct != "bias":   # a table group of its own beside the same search without refit
             label += f" + {args.reconstruct} refit (ridge {config['reconstruction']['ridge']:g})"
         rows.append({
             "operator": label, "target": target, "budget": budget, "gqa_policy": config["gqa_policy"], "seed": seed,
+            **({"llm_model": llm_name} if llm_name and operator == "llm" else {}),
             "criterion": config["criterion"],
             **({"reconstruct": args.reconstruct, "ridge": config["reconstruction"]["ridge"],
                 "refit_seconds_per_eval": summary.get("refit_seconds_per_eval"),

