@@ -21,7 +21,7 @@ from common import DATA_DIR, RESULTS, versions, write_results
 from selfprune.calibration import CalibrationConfig
 from selfprune.evaluation.speed import compare_speed
 from selfprune.models import load_model
-from selfprune.perplexity import PerplexityEvaluator
+from selfprune.evaluation.perplexity import PerplexityEvaluator
 from selfprune.pruning import DEFAULT_GQA_POLICY, Pruner
 
 

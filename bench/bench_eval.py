@@ -18,7 +18,7 @@ from selfprune.calibration import CalibrationConfig
 from selfprune.evaluation.speed import compare_speed
 from selfprune.evaluation.zero_shot import REPORTED_METRIC, TASKS, evaluate_zero_shot
 from selfprune.models import load_model
-from selfprune.perplexity import PerplexityEvaluator
+from selfprune.evaluation.perplexity import PerplexityEvaluator
 from selfprune.pruning import Pruner
 
 

@@ -9,10 +9,11 @@ the weights), llama.cpp perplexity (WikiText-2 test, 80 windows of 128, the PyTo
 evaluator's windows, llama.cpp's default f16 KV cache), and with --speed prefill / decode tokens/s at 1 and 2
 threads, each pruned file timed interleaved with the dense file of the same preset.
 
-Gemma 3 270M (`--base-model gemma3-270m`): dense at 7 presets with and without an importance matrix, uniform FLAP
-10 / 20 / 30 / 50% and the OWL allocation at 20% (no search has run on Gemma; OWL's uneven MLP widths show what the
-one-shape `gemma3` graph's padding costs). Its graph has no o_proj / down_proj bias, so the refit fits none
-(`--bias-compensation off`).
+Gemma 3 270M (`--base-model gemma3-270m`): dense at f16 / q8_0 / q4_k_m / q2_k with and without an importance matrix,
+uniform FLAP 20 / 50% and the OWL allocation at 20% (no search has run on Gemma; OWL's uneven MLP widths show what
+the one-shape `gemma3` graph's padding costs) at q8_0 / q4_k_m / q2_k, on the first 40 test windows (llama.cpp's
+perplexity over a 262k-token vocabulary costs ~16 minutes for 80 windows here). Its graph has no o_proj /
+down_proj bias, so the refit fits none (`--bias-compensation off`).
 
     python bench/bench_frontier.py --quality       # export, quantize, perplexity (rows appended, resumable)
     python bench/bench_frontier.py --speed         # prefill / decode timings (run on an otherwise idle machine)
@@ -48,7 +49,10 @@ SPEED_PRESETS = ("q8_0", "q4_k_m")   # the files kept for --speed
 THREADS = 1   # llama.cpp threads for quantizing and perplexity (--threads); results do not depend on it
 # Other base models (--base-model): fewer presets (each llama.cpp pass over a 262k-token vocabulary costs more)
 GEMMA = "gemma3-270m"
-GEMMA_DENSE_PRESETS = ("f16", "q8_0", "q6_k", "q4_k_m", "q3_k_m", "q2_k", "iq2_xs")
+GEMMA_DENSE_PRESETS = ("f16", "q8_0", "q4_k_m", "q2_k")
+GEMMA_PRUNED_PRESETS = ("q8_0", "q4_k_m", "q2_k")
+# llama.cpp's perplexity over Gemma's 262k-token vocabulary costs ~16 min for 80 windows on this shared CPU
+WINDOWS_BY_MODEL = {GEMMA: 40}
 OWL_M, OWL_LAMBDA = 5.0, 0.08   # selfprune search --operator owl's defaults
 BASE_MODEL = "default"   # --base-model
 # name -> bench_recover.py row: the refit searched 20% allocation distilled from the dense model
@@ -112,7 +116,7 @@ class Frontier:
         self.base_model = base_model
         self.bench = Bench(base_model)
         self.tokenizer = self.bench.tokenizer
-        self.windows = self.bench.evaluators["test"].windows[:WINDOWS]
+        self.windows = self.bench.evaluators["test"].windows[:WINDOWS_BY_MODEL.get(base_model, WINDOWS)]
         # llama.cpp's one-shape graphs (gemma3, gemma2, qwen3) have no o_proj / down_proj bias: refit without one
         self.intercept = self.bench.model.config.model_type not in PADDED_FAMILIES
         self.work = WORK if base_model == "default" else WORK / base_model
@@ -197,12 +201,15 @@ def run_quality(models: list[str] | None) -> None:
     frontier = Frontier(BASE_MODEL)
     for name in models or list(plan):   # in the order given
         spec = plan[name]
-        done = {(r["model"], r["preset"], r["imatrix"]) for r in load_rows(BASE_MODEL) if r.get("kind") != "speed"}
+        windows = WINDOWS_BY_MODEL.get(BASE_MODEL, WINDOWS)
+        done = {(r["model"], r["preset"], r["imatrix"]) for r in load_rows(BASE_MODEL)
+                if r.get("kind") != "speed" and r["settings"]["ppl"]["windows"] == windows}
         if name == "dense":
             presets = DENSE_PRESETS if BASE_MODEL == "default" else GEMMA_DENSE_PRESETS
             frontier.quality(name, spec, presets, (False, True), done)
         else:
-            frontier.quality(name, spec, PRUNED_PRESETS, (True,), done)
+            presets = PRUNED_PRESETS if BASE_MODEL == "default" else GEMMA_PRUNED_PRESETS
+            frontier.quality(name, spec, presets, (True,), done)
 
 
 def run_speed(presets=("q4_k_m",)) -> None:
@@ -254,11 +261,13 @@ def render() -> None:
 
 
 def model_section(base_model: str) -> tuple[list[str], dict]:
-    rows = [r for r in load_rows(base_model) if "ppl" in r and r.get("kind") != "speed"]
+    windows = WINDOWS_BY_MODEL.get(base_model, WINDOWS)
+    rows = [r for r in load_rows(base_model) if "ppl" in r and r.get("kind") != "speed"
+            and r["settings"]["ppl"]["windows"] == windows]   # one set of windows per table
     front = pareto(rows)
     front_decoder = pareto(rows, "decoder_mib")
     title = TITLES.get(base_model, base_model)
-    lines = ["", f"## {title}", ""]
+    lines = ["", f"## {title}", "", f"Perplexity on the first {windows} test windows.", ""]
     if base_model != "default":
         lines += ["Rows with zero parameters: llama.cpp's `gemma3` graph takes one shape for every layer, so an "
                   "uneven allocation is written padded to the widest kept layer (outputs unchanged; 'zero params' "

@@ -23,7 +23,7 @@ from bench_search import run_search, seed_summary
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.models import load_model
-from selfprune.perplexity import PerplexityEvaluator
+from selfprune.evaluation.perplexity import PerplexityEvaluator
 from selfprune.pruning import Pruner
 from selfprune.search.runner import fold_llm_counts
 

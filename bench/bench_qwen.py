@@ -92,7 +92,7 @@ def _calibration(name: str):
 
 def step_prune(name: str) -> dict:
     from selfprune.models import load_model
-    from selfprune.perplexity import PerplexityEvaluator
+    from selfprune.evaluation.perplexity import PerplexityEvaluator
     from selfprune.pruning import Pruner
 
     model, tokenizer = load_model(name)
@@ -117,7 +117,7 @@ def step_fitness(name: str) -> dict:
     import shutil
 
     from selfprune.models import load_model
-    from selfprune.perplexity import PerplexityEvaluator
+    from selfprune.evaluation.perplexity import PerplexityEvaluator
     from selfprune.pruning import Pruner
 
     model, tokenizer = load_model(name)

@@ -31,7 +31,7 @@ from common import DATA_DIR, RESULTS, versions, write_results
 
 from selfprune.calibration import CalibrationConfig
 from selfprune.models import load_model
-from selfprune.perplexity import PerplexityEvaluator
+from selfprune.evaluation.perplexity import PerplexityEvaluator
 from selfprune.pruning import Pruner
 from selfprune.reconstruction import DEFAULT_RIDGE
 

@@ -209,7 +209,7 @@ def rebuild(results: dict, name: str, student: Path) -> None:
 
 def wikitext_ppl(model_dir) -> dict:
     from selfprune.models import load_model
-    from selfprune.perplexity import PerplexityEvaluator
+    from selfprune.evaluation.perplexity import PerplexityEvaluator
 
     model, tokenizer = load_model(str(model_dir))
     if "evaluator" not in _PPL:

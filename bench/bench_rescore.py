@@ -22,7 +22,7 @@ from common import DATA_DIR, RESULTS, versions, write_results
 
 from selfprune.cli import main as cli
 from selfprune.models import load_model
-from selfprune.perplexity import PerplexityEvaluator
+from selfprune.evaluation.perplexity import PerplexityEvaluator
 
 BENCH = Path(__file__).resolve().parent
 

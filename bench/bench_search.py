@@ -56,7 +56,7 @@ from common import DATA_DIR, RESULTS, search_rows, serve_gguf, versions, write_r
 
 from selfprune.cli import main as cli
 from selfprune.models import load_model
-from selfprune.perplexity import PerplexityEvaluator
+from selfprune.evaluation.perplexity import PerplexityEvaluator
 from selfprune.reconstruction import DEFAULT_RIDGE
 from selfprune.search.llm_operator import DEFAULT_PROMPT_VERSION
 from selfprune.search.runner import fold_llm_counts

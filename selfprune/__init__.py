@@ -24,10 +24,10 @@ def __getattr__(name):
         from .models import load_model
 
         return load_model
-    if name in ("perplexity", "PerplexityEvaluator"):
-        from . import perplexity
+    if name in ("perplexity", "PerplexityEvaluator"):   # the function, not a submodule: none is named so
+        from .evaluation import perplexity as module
 
-        return getattr(perplexity, name)
+        return getattr(module, name)
     raise AttributeError(name)
 
 

@@ -111,11 +111,20 @@ def plan_layer(geom: LayerGeometry, rate: float, policy: str, mlp_multiple: int 
 
 
 def validate_rates(rates, num_layers: int) -> list[float]:
-    """Rates must be one number in [0, 1) per decoder layer."""
-    try:
-        values = [float(r) for r in rates]
-    except (TypeError, ValueError):
-        raise SelfpruneError("rates must be a list of numbers, one per decoder layer") from None
+    """Rates: one real number in [0, 1) per decoder layer, or one number for every layer. Strings, booleans,
+    NaN and infinities are refused (``float("0.2")`` or ``float(True)`` would pass silently)."""
+    from .errors import is_real
+
+    if is_real(rates):
+        rates = [rates] * num_layers
+    if isinstance(rates, (str, bytes)) or not hasattr(rates, "__iter__"):
+        raise SelfpruneError(f"rates {rates!r} are not numbers: give one fraction per decoder layer, e.g. "
+                             f"[0.2] * {num_layers}, or one fraction for all")
+    values = []
+    for i, r in enumerate(rates):
+        if not is_real(r):
+            raise SelfpruneError(f"rate {r!r} for layer {i} is not a number: use a fraction such as 0.2")
+        values.append(float(r))
     if len(values) != num_layers:
         raise SelfpruneError(
             f"got {len(values)} rates but the model has {num_layers} decoder layers: give exactly one rate per layer"

@@ -41,6 +41,34 @@ class CalibrationConfig:
     data_dir: str | None = None
     chunk_samples: int = DEFAULT_CHUNK_SAMPLES
 
+    def __post_init__(self):
+        """Checked where the settings are made, for the API as for the CLI (num_samples=0 once meant "every
+        document")."""
+        import os
+
+        from .errors import SelfpruneError, check_whole, is_real, option
+
+        for name, flag in (("source", "--calib-dataset"), ("split", "--calib-split")):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(self, name, value)
+            if not isinstance(value, str) or not value.strip():
+                raise SelfpruneError(f"{option(name, flag)} {value!r} must be a dataset name (c4, wikitext2, ptb) "
+                                     "or a .txt/.jsonl path" if name == "source" else
+                                     f"{option(name, flag)} {value!r} must be a split name: validation or test")
+        self.num_samples = check_whole(option("num_samples", "--calib-samples"), self.num_samples, example=128)
+        self.seq_len = check_whole(option("seq_len", "--calib-seq-len"), self.seq_len, example=128)
+        if not is_real(self.seed) or self.seed != self.seed or abs(self.seed) == float("inf") or self.seed != int(self.seed):
+            raise SelfpruneError(f"{option('seed', '--calib-seed')} {self.seed!r} must be a whole number: e.g. 0")
+        self.seed = int(self.seed)
+        self.batch_size = check_whole(option("batch_size"), self.batch_size, example=8)
+        self.chunk_samples = check_whole(option("chunk_samples"), self.chunk_samples, example=DEFAULT_CHUNK_SAMPLES)
+        if self.data_dir is not None:
+            if not isinstance(self.data_dir, (str, os.PathLike)):
+                raise SelfpruneError(f"{option('data_dir')} {self.data_dir!r} must be a folder path")
+            self.data_dir = os.fspath(self.data_dir)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

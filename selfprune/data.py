@@ -43,10 +43,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
         chosen, where = read_user_config().get("data_dir"), "the data folder saved by `selfprune config`"
     if not chosen:
         return None
-    path = Path(chosen).expanduser()
-    if not path.is_dir():
-        raise SelfpruneError(f"data directory {path} (from {where}) does not exist: point it at an existing folder")
-    return path
+    from .io import expect_folder
+
+    return expect_folder(chosen, f"data directory (from {where})", "point it at the folder of the data files")
 
 
 _HUB_STATE: dict = {}
@@ -117,8 +116,8 @@ def locate_text(dataset: str, split: str = "test", data_dir: str | os.PathLike |
 def check_text_available(dataset: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> None:
     """Fail now, not after loading a model, when ``load_text`` could not find this text."""
     kind, split, path = locate_text(dataset, split, data_dir)
-    if kind == "file" and not path.is_file():
-        raise SelfpruneError(f"data file {path} does not exist: check the path")
+    if kind == "file":
+        _expect_text_file(path)
     if kind == "hub" and not hub_reachable():
         raise _offline_error(f"{dataset}/{split}")
 
@@ -197,11 +196,20 @@ def load_text(dataset: str, split: str = "test", data_dir: str | os.PathLike | N
     return TextSource(dataset, split, documents, origin)
 
 
+def _expect_text_file(path: Path) -> Path:
+    from .io import expect_file
+
+    return expect_file(path, "data file", "give a .txt or .jsonl file with text in it")
+
+
 def load_text_file(path: Path) -> TextSource:
     """A user's own text: plain text (one document, or blank-line separated) or jsonl with a 'text' field."""
-    if not path.is_file():
-        raise SelfpruneError(f"data file {path} does not exist: check the path")
-    text = path.read_text(encoding="utf-8")
+    _expect_text_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SelfpruneError(f"data file {path} is not UTF-8 text (byte {exc.start}): give a .txt or .jsonl "
+                             "file of text") from None
     if path.suffix in (".jsonl", ".json"):
         documents = []
         for number, line in enumerate(text.splitlines(), 1):

@@ -24,3 +24,20 @@ class SelfpruneError(Exception):
 
     def cli_message(self) -> str:
         return _OPTION.sub(lambda m: m.group(2) or "--" + m.group(1).replace("_", "-"), self._text())
+
+
+def is_real(value) -> bool:
+    """A real number as the API takes one: ints, floats, numpy scalars; not booleans, strings or tensors."""
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def check_whole(label: str, value, low: int = 1, example: int = 128) -> int:
+    """``value`` as a whole number >= ``low``, or a SelfpruneError naming the setting (``label``: ``option(...)``)."""
+    import math
+
+    if not is_real(value) or not math.isfinite(value) or value != int(value) or int(value) < low:
+        what = "a positive whole number" if low == 1 else f"a whole number >= {low}"
+        raise SelfpruneError(f"{label} {value!r} must be {what}: e.g. {example}")
+    return int(value)

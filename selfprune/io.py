@@ -98,6 +98,38 @@ def _unwritable(path: Path, exc: OSError) -> SelfpruneError:
     return SelfpruneError(f"cannot write {path} ({reason}): choose a writable location")
 
 
+# -- what a path the user gave must be -------------------------------------------------------------------
+def expect_file(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """``path`` as an existing, readable, non-empty regular file, or one line saying what it is instead: missing,
+    a folder, a device / pipe / socket, empty, unreadable. ``what`` names it ("rates file"); ``fix`` says what
+    to give instead."""
+    path = Path(path).expanduser()
+    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
+        raise SelfpruneError(f"{what} {path} does not exist: {fix}")
+    if path.is_dir():
+        raise SelfpruneError(f"{what} {path} is a folder, not a file: {fix}")
+    if not path.is_file():
+        raise SelfpruneError(f"{what} {path} is not a regular file (a device, pipe or socket): {fix}")
+    if path.stat().st_size == 0:
+        raise SelfpruneError(f"{what} {path} is empty: {fix}")
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise SelfpruneError(f"{what} {path} cannot be read ({exc.strerror}): {fix}") from None
+    return path
+
+
+def expect_folder(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """``path`` as an existing folder, or one line saying that it is missing or is a file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SelfpruneError(f"{what} {path} does not exist: {fix}")
+    if not path.is_dir():
+        raise SelfpruneError(f"{what} {path} is a file, not a folder: {fix}")
+    return path
+
+
 # -- files ----------------------------------------------------------------------------------------------
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
@@ -334,6 +366,30 @@ def _acquire(lock: Path, target: Path) -> int:
         if same_file:
             return fd
         os.close(fd)  # the previous holder removed this file as we opened it: lock the new one
+
+
+def _stale_file_siblings(path: Path) -> list[Path]:
+    """Temporary files a writer of ``path`` makes beside it (``.NAME.*.partial``, ``.NAME.*.tmp``)."""
+    prefix = f".{path.name}."
+    if not path.parent.is_dir():
+        return []
+    return [path.parent / n for n in os.listdir(path.parent)
+            if n.startswith(prefix) and n.endswith((".partial", ".tmp")) and (path.parent / n).is_file()]
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
+    """Hold ``run_lock`` on an output file for a whole command (a second writer of the same file is refused at
+    once, not after its work), and first remove the temporary files a killed writer of it left: with the lock
+    held, no live writer of this file owns one."""
+    with run_lock(path, command) as target:
+        for stale in _stale_file_siblings(Path(path)):
+            try:
+                stale.unlink()
+                log.info("removed %s, left by an interrupted writer", stale)
+            except FileNotFoundError:
+                pass
+        yield target
 
 
 # -- folders --------------------------------------------------------------------------------------------

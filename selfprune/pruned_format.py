@@ -57,6 +57,9 @@ def save_pruned(model, tokenizer, out_dir, metadata: dict | None = None, overwri
     """
     if not hasattr(model.config, "selfprune"):
         raise SelfpruneError("this model was not pruned by selfprune: prune it first (selfprune.prune)")
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        raise SelfpruneError("save_pruned needs the model's tokenizer (a folder without one does not load with "
+                             "selfprune.load or transformers): pass the tokenizer that load_model returned")
     out_dir = Path(out_dir)
     class_name = _pruned_class_name(model)
     config = model.config
@@ -74,8 +77,7 @@ def save_pruned(model, tokenizer, out_dir, metadata: dict | None = None, overwri
             model.save_pretrained(tmp)
         finally:
             config.selfprune = full_spec
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         shutil.copyfile(Path(__file__).with_name(MODELING_FILE), tmp / MODELING_FILE)
         atomic_write_json(tmp / INDICES_FILE, {"format_version": FORMAT_VERSION, "layers": indices})
         atomic_write_json(tmp / REPORT_FILE, metadata)

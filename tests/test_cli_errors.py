@@ -114,7 +114,7 @@ CASES = [
     ("prune: rates of wrong length", ["prune", "--model", "{good}", "--rates", "rates-short.json", "--out", "o", "--ppl-dataset", "none"], "4 decoder layers"),
     ("prune: rate out of range in file", ["prune", "--model", "{good}", "--rates", "rates-range.json", "--out", "o"], "outside [0, 1)"),
     ("prune: NaN in rates file", ["prune", "--model", "{good}", "--rates", "rates-nan.json", "--out", "o"], "outside [0, 1)"),
-    ("prune: text in rates file", ["prune", "--model", "{good}", "--rates", "rates-text.json", "--out", "o"], "list of numbers"),
+    ("prune: text in rates file", ["prune", "--model", "{good}", "--rates", "rates-text.json", "--out", "o"], "is not a number"),
     ("prune: model path missing", ["prune", "--model", "./no-such-model", "--rate", "0.2", "--out", "o"], "does not exist"),
     ("prune: folder that is no model", ["prune", "--model", "{not_a_model}", "--rate", "0.2", "--out", "o"], "config.json"),
     ("prune: damaged safetensors", ["prune", "--model", "{damaged}", "--rate", "0.2", "--out", "o", "--ppl-dataset", "none"], "model.safetensors"),

@@ -498,7 +498,7 @@ DATA_DIR = Path(os.environ.get("SELFPRUNE_DATA_DIR", "no-data-dir-set"))   # con
 @pytest.mark.skipif(not (DATA_DIR / "ptb").is_dir(), reason="needs the local ptb / c4 copies")
 def test_search_with_refit_records_it_and_resumes_with_it(tmp_path, capsys):
     from selfprune.cli import main
-    from selfprune.perplexity import PerplexityEvaluator
+    from selfprune.evaluation.perplexity import PerplexityEvaluator
 
     folder = save_tiny_model(tmp_path / "tiny", "llama-gqa", vocab_size=257)
     run = tmp_path / "run"

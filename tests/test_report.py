@@ -17,7 +17,7 @@ from selfprune.cli import main
 from selfprune.errors import SelfpruneError
 from selfprune.evaluation.report import build_report
 from selfprune.io import atomic_write_json, read_jsonl
-from selfprune.perplexity import PerplexityEvaluator
+from selfprune.evaluation.perplexity import PerplexityEvaluator
 from selfprune.pruned_format import save_pruned
 from selfprune.pruning import Pruner
 from selfprune.search import Proposal, RunSettings, SearchProblem, SearchRunner, SearchSpace

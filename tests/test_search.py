@@ -515,7 +515,7 @@ def test_tiny_model_search_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert "best fitness" in capsys.readouterr().out
 
     import selfprune
-    from selfprune.perplexity import PerplexityEvaluator
+    from selfprune.evaluation.perplexity import PerplexityEvaluator
 
     pruned, tokenizer = selfprune.load(run / "model")
     ev = PerplexityEvaluator(tokenizer, "ptb", "validation", 32, 4, 8, str(DATA_DIR))
@@ -1144,3 +1144,29 @@ def test_ablation_search_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, ca
 
     assert main(["search", "--resume", str(run), "--budget", "8", "--no-progress", "--no-save-model"]) == 0
     assert read_jsonl(run / "journal.jsonl")[:6] == journal and len(read_jsonl(run / "journal.jsonl")) == 8
+
+
+def test_the_llm_destination_is_resolved_once_and_a_resume_keeps_it(monkeypatch, capsys):
+    """$OPENAI_BASE_URL decides where an openai: operator's requests go when the run is made; it is recorded,
+    and a resume in a shell with another value (or none) keeps sending them there, saying so."""
+    from selfprune.search.launch import apply_resume_overrides, build_config
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:7/v1")
+    config = build_config(_parse(["--target", "0.3", "--operator", "llm", "--llm", "openai:x", "--budget", "10"]))
+    assert config["llm"]["base_url"] == "http://127.0.0.1:7/v1"
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8/v1")
+    assert not apply_resume_overrides(config, _parse(["--resume", "run"]))
+    assert config["llm"]["base_url"] == "http://127.0.0.1:7/v1"
+    assert "go to http://127.0.0.1:7/v1" in capsys.readouterr().err
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert not apply_resume_overrides(config, _parse(["--resume", "run"]))
+    assert config["llm"]["base_url"] == "http://127.0.0.1:7/v1"
+    default = build_config(_parse(["--target", "0.3", "--operator", "llm", "--llm", "openai:x", "--budget", "10"]))
+    assert default["llm"]["base_url"] == "https://api.openai.com/v1"
+    local = build_config(_parse(["--target", "0.3", "--operator", "llm", "--llm", "self", "--budget", "10"]))
+    assert local["llm"]["base_url"] is None
+    # a run made before destinations were recorded gets the one its environment gives, recorded on resume
+    old = default | {"llm": default["llm"] | {"base_url": None}}
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    assert apply_resume_overrides(old, _parse(["--resume", "run"]))
+    assert old["llm"]["base_url"] == "http://127.0.0.1:9/v1"

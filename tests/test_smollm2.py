@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_perplexity_of_dense_smollm2_is_in_the_known_range(smol):
-    from selfprune.perplexity import perplexity
+    from selfprune.evaluation.perplexity import perplexity
 
     model, tokenizer = smol
     result = perplexity(model, tokenizer, "wikitext2", "test", seq_len=128, max_windows=8, progress=False)
@@ -44,7 +44,7 @@ def test_prune_command_end_to_end(tmp_path, capsys, smol_dir):
     # The saved model reloads through plain transformers and gives the recorded perplexity.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selfprune.perplexity import perplexity
+    from selfprune.evaluation.perplexity import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     again = perplexity(model, AutoTokenizer.from_pretrained(out), "wikitext2", "test", 128, 4, progress=False)

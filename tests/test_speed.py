@@ -73,7 +73,7 @@ def test_pruned_flops_follow_each_layers_own_shape(rates, kwargs, tmp_path):
     # the same count after a save and a reload through the pruned-model format
     from selfprune.pruned_format import load_pruned, save_pruned
 
-    save_pruned(pruned, None, tmp_path / "p")
+    save_pruned(pruned, byte_tokenizer(), tmp_path / "p")
     assert flops_per_token(load_pruned(tmp_path / "p"), 64) == flops_per_token(pruned, 64)
 
 

@@ -207,12 +207,12 @@ def check_output(path: str | os.PathLike, *, kind: str, overwrite: bool, option:
             raise SelfpruneError(f"{option} {out} is a folder: give a file path, e.g. {out / 'result.json'}")
         if not overwrite:
             raise SelfpruneError(f"{option} {out} already exists: choose another {option} or pass --overwrite")
-    ancestor = out.parent if not out.exists() else out
+    ancestor = out if out.is_dir() else out.parent   # an existing file is replaced in its folder
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise SelfpruneError(f"{option} {out} cannot be created: {ancestor} is a file, not a folder")
-    where = ancestor if ancestor != out or out.is_dir() else out.parent
+    where = ancestor
     try:
         handle, probe = tempfile.mkstemp(prefix=".selfprune-write-check.", dir=where)
         os.close(handle)
@@ -221,6 +221,15 @@ def check_output(path: str | os.PathLike, *, kind: str, overwrite: bool, option:
         raise SelfpruneError(f"{option} {out} cannot be written ({exc.strerror} in {where}): "
                              "choose a writable location") from None
     return out
+
+
+def locked_output(out: Path | None):
+    """``io.output_lock`` on ``out`` for the command's whole work (nothing to hold when there is no --out)."""
+    from contextlib import nullcontext
+
+    from ..io import output_lock
+
+    return output_lock(out) if out is not None else nullcontext()
 
 
 def check_model_options(args) -> None:
@@ -238,8 +247,11 @@ def check_model(spec: str, lengths: dict[str, int] | None = None) -> dict:
     ``lengths`` (option -> tokens) fits its context. Returns the config (empty when it cannot be read
     here, e.g. a hub id offline: loading then reports the problem)."""
     from ..adapters import SUPPORTED_FAMILIES
+    from ..checkpoints import check_model_source
     from ..models import config_context_length, model_config_dict
+    from ..models.loading import resolve_model_spec
 
+    check_model_source(resolve_model_spec(spec))   # a damaged file or config: one line, before any work
     config = model_config_dict(spec) or {}
     model_type = config.get("model_type")
     if model_type is not None and model_type not in SUPPORTED_FAMILIES:
@@ -256,9 +268,10 @@ def read_rates_file(path: str) -> list:
     """A JSON list with one rate per layer, or an object holding one (a search's best.json)."""
     import json
 
-    file = Path(path)
-    if not file.is_file():
-        raise SelfpruneError(f"rates file {file} does not exist: give a JSON list with one rate per layer")
+    from ..io import expect_file
+
+    file = expect_file(path, "rates file", "give a JSON file with a list of one rate per layer (or a search's "
+                                           "best.json)")
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

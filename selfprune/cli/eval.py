@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (HelpFormatter, add_data_option, add_model_options, add_json_out_options, check_model_options,
-                     check_output, positive_int)
+                     check_output, positive_int, locked_output)
 
 
 def register(sub, parents=()):
@@ -28,13 +28,18 @@ def register(sub, parents=()):
 
 
 def run(args) -> int:
+    check_model_options(args)
+    out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
+    with locked_output(out):   # one writer of --out at a time; a killed one's leftovers go
+        return _run(args, out)
+
+
+def _run(args, out) -> int:
     from ..evaluation.zero_shot import check_local_files, evaluate_zero_shot, format_table, parse_tasks, resolve_source
     from ..io import atomic_write_json
     from ..models import load_model
     from ..offload import input_device
 
-    check_model_options(args)
-    out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
     names = parse_tasks(args.tasks)  # bad task names or missing data fail before the (slow) model load
     source, directory = resolve_source(args.source, args.data_dir)
     if source == "local":

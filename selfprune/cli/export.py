@@ -80,7 +80,7 @@ def run(args) -> int:
     from ..data import check_text_available
     from ..export import check_gguf_file, export_gguf
     from ..export.quantize import ImportanceMatrix, parse_tensor_types
-    from ..io import run_lock
+    from ..io import output_lock
     from ..models import load_model
 
     out = check_output(args.out, kind="file", overwrite=args.overwrite)
@@ -92,7 +92,7 @@ def run(args) -> int:
     check_model(args.model, {"--calib-seq-len": args.calib_seq_len} if how == "calibrate" else None)
     if how == "calibrate":
         check_text_available(args.calib_dataset, args.calib_split, args.data_dir)
-    with run_lock(out):  # a second export to the same file is refused at once
+    with output_lock(out):  # a second export to the same file is refused at once
         model, tokenizer = load_model(args.model, "float32", "cpu")
         if how == "calibrate":
             from ..imatrix import collect_imatrix

@@ -24,13 +24,13 @@ def register(sub, parents=()):
 def run(args) -> int:
     from ..data import check_text_available
     from ..imatrix import collect_imatrix
-    from ..io import run_lock
+    from ..io import output_lock
     from ..models import load_model
 
     out = check_output(args.out, kind="file", overwrite=args.overwrite)
     check_model(args.model, {"--calib-seq-len": args.calib_seq_len})
     check_text_available(args.calib_dataset, args.calib_split, args.data_dir)
-    with run_lock(out):
+    with output_lock(out):
         model, tokenizer = load_model(args.model, "float32", "cpu")
         imatrix = collect_imatrix(model, tokenizer, calibration_config(args), progress=True)
         imatrix.save(out)

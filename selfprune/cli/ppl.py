@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (HelpFormatter, add_data_option, add_engine_options, add_json_out_options, add_model_options,
-                     check_gguf_model, check_model, check_model_options, check_output, positive_int, say)
+                     check_gguf_model, check_model, check_model_options, check_output, positive_int, say, locked_output)
 
 
 def register(sub, parents=()):
@@ -28,13 +28,18 @@ def register(sub, parents=()):
 
 
 def run(args) -> int:
+    check_model_options(args)
+    out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
+    with locked_output(out):   # one writer of --out at a time; a killed one's leftovers go
+        return _run(args, out)
+
+
+def _run(args, out) -> int:
     from ..data import check_text_available
     from ..io import atomic_write_json
     from ..models import load_model
-    from ..perplexity import PerplexityEvaluator
+    from ..evaluation.perplexity import PerplexityEvaluator
 
-    check_model_options(args)
-    out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
     check_text_available(args.dataset, args.split, args.data_dir)
     if args.engine == "llama.cpp":
         from ..evaluation.llamacpp import gguf_perplexity, tokenizer_for_gguf

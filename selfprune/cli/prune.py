@@ -75,7 +75,7 @@ def _prune(args, rates, out) -> int:
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.device_map, max_memory=args.max_memory,
                                   offload_dir=args.offload_dir)
     if args.ppl_dataset != "none":  # the text is read before the slow calibration: a missing file fails now
-        from ..perplexity import PerplexityEvaluator
+        from ..evaluation.perplexity import PerplexityEvaluator
 
         evaluator = PerplexityEvaluator(tokenizer, args.ppl_dataset, args.ppl_split, args.seq_len, args.max_windows,
                                         args.batch_size, args.data_dir, progress=True)

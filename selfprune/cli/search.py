@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import SelfpruneError
-from .common import (HelpFormatter, add_calibration_options, add_data_option, add_model_options, add_pruning_options,
+from .common import (HelpFormatter, _number, add_calibration_options, add_data_option, add_model_options, add_pruning_options,
                      check_model, check_model_options, check_output, nonnegative_int, open_fraction, positive_float,
                      positive_int, say)
 
@@ -110,13 +110,15 @@ def register(sub, parents=()):
                    help="openai:<model> (any OpenAI-compatible server), self (the model being pruned), "
                         "or local:<hub id or folder>")
     g.add_argument("--llm-base-url", default=None,
-                   help="base URL of an OpenAI-compatible server; if not given, OpenAI's")
+                   help="base URL of an OpenAI-compatible server; if not given, $OPENAI_BASE_URL, else OpenAI's. "
+                        "Recorded in the run: a resume sends requests there unless given this option again")
     g.add_argument("--llm-api-key-env", default=None,
                    help="environment variable holding the API key; if not given, OPENAI_API_KEY, which is sent to "
                         "OpenAI's own host only (name the variable to send a key to another server)")
     g.add_argument("--llm-retries", type=nonnegative_int, default=2,
                    help="retries of an unusable LLM answer before the numeric operator fills the slot")
-    g.add_argument("--llm-temperature", type=float, default=0.7, help="sampling temperature")
+    g.add_argument("--llm-temperature", type=_number(float, low=0, high=2, what="a temperature in [0, 2]"),
+                   default=0.7, help="sampling temperature")
     g.add_argument("--llm-max-tokens", type=positive_int, default=None,
                    help="answer length limit; if not given, 8 per layer + 128, at least 256")
     g.add_argument("--llm-timeout", type=positive_float, default=120.0, help="seconds per LLM request")

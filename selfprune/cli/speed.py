@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (HelpFormatter, add_engine_options, add_json_out_options, add_model_options, check_gguf_model,
-                     check_model, check_model_options, check_output, nonnegative_int, positive_int, say)
+                     check_model, check_model_options, check_output, nonnegative_int, positive_int, say, locked_output)
 
 
 def register(sub, parents=()):
@@ -27,15 +27,19 @@ def register(sub, parents=()):
 
 
 def run(args) -> int:
-    import torch
+    check_model_options(args)
+    out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
+    with locked_output(out):   # one writer of --out at a time; a killed one's leftovers go
+        return _run(args, out)
 
+
+def _run(args, out) -> int:
+    import torch
     from ..errors import SelfpruneError
     from ..evaluation.speed import compare_speed, format_speed, parse_sweep
     from ..io import atomic_write_json
     from ..models import load_model
 
-    check_model_options(args)
-    out = check_output(args.out, kind="file", overwrite=args.overwrite) if args.out else None
     if args.engine == "llama.cpp":
         return _run_llama_cpp(args, out)
     sweep = parse_sweep(args.sweep)

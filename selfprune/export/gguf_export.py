@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import SelfpruneError
-
+from ..io import output_lock
 from .quantize import PRESETS, WRITTEN_DIRECTLY, ImportanceMatrix, TypeOverride, check_outtype, run_llama_quantize
 
 log = logging.getLogger(__name__)
@@ -500,15 +500,10 @@ def _quiet_native_output():
 
 
 def check_gguf_file(path: str | os.PathLike) -> Path:
-    """A path that exists and starts with the GGUF magic, or a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise SelfpruneError(f"GGUF file {path} does not exist: check the path")
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
-        raise SelfpruneError(f"{path} is not a GGUF file (no GGUF header): give a .gguf file written by llama.cpp or selfprune export")
-    return path
+    """A GGUF file that exists, parses and holds all its tensors, or a one-line error (``checkpoints.check_gguf``)."""
+    from ..checkpoints import check_gguf
+
+    return check_gguf(path)
 
 
 def export_gguf(model, tokenizer, out_path: str | os.PathLike, outtype: str = "f16",
@@ -552,13 +547,14 @@ def export_gguf(model, tokenizer, out_path: str | os.PathLike, outtype: str = "f
     name = Path(getattr(model.config, "_name_or_path", "") or "model").name or "model"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     float_type = "f32" if quantized else outtype
-    tmp = _temp_sibling(out_path, f".{float_type}.partial")
-    try:
-        _write_gguf(model, tokenizer, tmp, float_type, tokenizer_gguf, name, ffn_multiple, metadata)
-        if not quantized:
-            _publish(tmp, out_path)
-        else:
-            quantize_gguf(tmp, out_path, outtype, threads, importance, tensor_types)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with output_lock(out_path):   # one writer per file; what a killed export left is removed first
+        tmp = _temp_sibling(out_path, f".{float_type}.partial")
+        try:
+            _write_gguf(model, tokenizer, tmp, float_type, tokenizer_gguf, name, ffn_multiple, metadata)
+            if not quantized:
+                _publish(tmp, out_path)
+            else:
+                quantize_gguf(tmp, out_path, outtype, threads, importance, tensor_types)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out_path

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..checkpoints import check_weights, torch_dtype
+from ..checkpoints import check_config, check_gguf, check_weights, torch_dtype
 from ..errors import SelfpruneError, option
 from ..io import restore_interrupted
 
@@ -269,13 +269,18 @@ def load_model(spec: str | None = "default", dtype: str = "float32", device: str
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SelfpruneError(f"model file {path} does not exist: check the --model path")
-        model, tokenizer = _load_gguf(path)
+        check_gguf(path)
+        try:
+            model, tokenizer = _load_gguf(path)
+        except (ValueError, KeyError, TypeError) as exc:   # a well-formed GGUF transformers cannot read
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise SelfpruneError(f"cannot load {path} ({first}): give a GGUF of a supported family (LLaMA, "
+                                 "Qwen2, Gemma 3, ...) or its Hugging Face folder") from None
         model = model.to(dtype=dtype_object)
     elif path.exists() or restore_interrupted(path) or location.startswith((".", "/", "~")):
         if not path.is_dir():
             raise SelfpruneError(f"model path {path} does not exist: give a model folder, a .gguf file or a hub id")
-        if not (path / "config.json").is_file():
-            raise SelfpruneError(f"{path} is not a model folder (no config.json): give a folder saved by save_pretrained")
+        check_config(path)   # every key loading relies on, before transformers fills in its own defaults
         check_weights(path)
         if is_pruned_dir(path):
             from ..pruned_format import load_pruned
@@ -304,8 +309,13 @@ def load_model(spec: str | None = "default", dtype: str = "float32", device: str
 
 
 def _from_pretrained(auto_cls, location: str, torch_dtype, placement: dict):
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return auto_cls.from_pretrained(location, dtype=torch_dtype, **placement)
+    except StrictDataclassError as exc:   # a config value transformers' own validation refuses
+        text = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:200]
+        raise SelfpruneError(f"{location}: the config is not valid ({text}): restore config.json") from None
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SelfpruneError(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import SelfpruneError, option
 from ..offload import input_device
 from ..masking import masked_candidate
-from ..perplexity import PerplexityEvaluator
+from ..evaluation.perplexity import PerplexityEvaluator
 from .defaults import DEFAULT_FITNESS_SEQ_LEN, DEFAULT_FITNESS_WINDOWS
 
 FITNESS_KINDS = ("ppl", "kl")

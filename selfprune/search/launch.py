@@ -7,6 +7,7 @@ was interrupted.
 """
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -81,6 +82,17 @@ def fitness_seq_len(model: str) -> int:
     return DEFAULT_FITNESS_SEQ_LEN if limit is None else min(DEFAULT_FITNESS_SEQ_LEN, limit)
 
 
+def destination(spec: str | None, base_url: str | None) -> str | None:
+    """Where an ``openai:`` operator's requests go, resolved once when the run is made: ``--llm-base-url``, else
+    ``$OPENAI_BASE_URL``, else OpenAI. Recorded in the run config, so a resume in another shell (without the
+    variable, or with another value) sends the run's requests, and its key, where they went before."""
+    if base_url is not None or not spec or not str(spec).startswith("openai:"):
+        return base_url
+    from ..llm.backends import OPENAI_BASE_URL
+
+    return (os.environ.get("OPENAI_BASE_URL") or "").strip() or OPENAI_BASE_URL
+
+
 def build_config(args) -> dict:
     """Validate the options (cheaply, before any model is loaded) and gather them into the run config."""
     if args.target is None:
@@ -113,7 +125,7 @@ def build_config(args) -> dict:
     population, population_note = size_population(args.operator, budget, args.population, args.offspring)
     workers, worker_threads, ray_address = _evaluation_settings({}, args)
     require_ray(workers, ray_address)  # now, not after the model has loaded
-    return {
+    config = {
         "config_version": CONFIG_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv[1:],
@@ -143,7 +155,8 @@ def build_config(args) -> dict:
         "evolution": {"step": args.evo_step, "tournament": args.tournament},
         "llm": None if args.operator not in PROMPTED_OPERATORS else {
             # the ablation asks no LLM: record none, so its config does not name a server it never used
-            **({"spec": args.llm, "base_url": args.llm_base_url, "api_key_env": args.llm_api_key_env}
+            **({"spec": args.llm, "base_url": destination(args.llm, args.llm_base_url),
+                "api_key_env": args.llm_api_key_env}
                if args.operator == "llm" else {"spec": None, "base_url": None, "api_key_env": None}),
             "retries": args.llm_retries, "temperature": args.llm_temperature, "max_tokens": args.llm_max_tokens,
             "timeout": args.llm_timeout, "prompt_version": args.prompt_version,
@@ -164,6 +177,9 @@ def build_config(args) -> dict:
         "offload_dir": getattr(args, "offload_dir", None),
         "versions": _versions(),
     }
+    from .config_rules import validate_run_config
+
+    return validate_run_config(config, "the search settings", fix="fix the option")
 
 
 def _evaluation_settings(current: dict, args) -> tuple[int, int, str | None]:
@@ -394,6 +410,17 @@ def apply_resume_overrides(config: dict, args) -> bool:
     if llm is not None:
         if args.llm_base_url is not None and args.llm_base_url != llm["base_url"]:
             llm["base_url"], changed = args.llm_base_url, True
+        elif llm.get("base_url") is None and destination(llm.get("spec"), None):
+            # a run made before destinations were recorded went where the environment said: record it now
+            llm["base_url"], changed = destination(llm["spec"], None), True
+        else:
+            from ..llm import redact_url
+
+            env = (os.environ.get("OPENAI_BASE_URL") or "").strip()
+            if env and llm.get("base_url") and redact_url(env) != redact_url(llm["base_url"]):
+                print(f"note: this run's LLM requests go to {redact_url(llm['base_url'])}, where they went when it was "
+                      f"made; $OPENAI_BASE_URL ({redact_url(env)}) is not used: pass --llm-base-url to move them",
+                      file=sys.stderr)
         if args.llm_api_key_env is not None and args.llm_api_key_env != llm["api_key_env"]:
             llm["api_key_env"], changed = args.llm_api_key_env, True
     return changed
@@ -430,7 +457,9 @@ def check_run_config(config: dict, path: Path) -> dict:
     if missing:
         raise SelfpruneError(f"{path} lacks {', '.join(missing)}: it was edited or written by another tool; "
                              "start a new run")
-    return config
+    from .config_rules import validate_run_config
+
+    return validate_run_config(config, str(path))   # the rules the command line's options obey
 
 
 def preflight(config: dict) -> None:
@@ -458,6 +487,9 @@ def start(config: dict, run_dir: Path, *, overwrite: bool, progress: bool = True
 
     from ..io import discard_on_failure, run_lock
 
+    from .config_rules import validate_run_config
+
+    validate_run_config(config, "the run config", fix="fix the setting")   # the API's dicts obey the CLI's rules
     fresh = not run_dir.exists()
     with run_lock(run_dir), (discard_on_failure(run_dir) if fresh else nullcontext()):
         create_run_dir(run_dir, config_for_disk(config), overwrite=overwrite)
@@ -468,5 +500,8 @@ def resume(config: dict, run_dir: Path, *, progress: bool = True, save_model: bo
     """Continue the run in ``run_dir`` under its lock (a second process is refused, naming this one)."""
     from ..io import run_lock
 
+    from .config_rules import validate_run_config
+
+    validate_run_config(config, str(run_dir / "config.json"))
     with run_lock(run_dir):
         return execute(config, run_dir, progress=progress, save_model=save_model)

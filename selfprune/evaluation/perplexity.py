@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import bos_token_id, load_text, token_windows
+from ..data import bos_token_id, load_text, token_windows
 
 
 class PerplexityEvaluator:
@@ -20,7 +20,7 @@ class PerplexityEvaluator:
     def __init__(self, tokenizer, dataset: str = "wikitext2", split: str = "test", seq_len: int = 128,
                  max_windows: int | None = None, batch_size: int = 8, data_dir=None, progress: bool = False):
         if seq_len < 2:
-            from .errors import SelfpruneError, option
+            from ..errors import SelfpruneError, option
 
             raise SelfpruneError(f"{option('seq_len')} {seq_len} is too short: use at least 2 (128 or 2048 are standard)")
         self.source = load_text(dataset, split, data_dir)
@@ -43,7 +43,7 @@ class PerplexityEvaluator:
     def __call__(self, model) -> dict:
         from tqdm.auto import tqdm
 
-        from .offload import input_device
+        from ..offload import input_device
 
         device = input_device(model)   # a dispatched model's first parameter may be on meta
         total_nll, start = 0.0, time.perf_counter()
