@@ -80,13 +80,21 @@ def usable_rates(args) -> None:
     from selfprune.search import RunSettings, SearchProblem, SearchRunner
     from selfprune.search.llm_operator import LLMOperator
 
-    server, stop = serve_gguf(packaged_default_gguf(), args.threads)
+    if args.llm_model == "self":
+        gguf, name = packaged_default_gguf(), "smollm2"
+    else:   # a packaged Qwen2.5-Coder-Instruct file (issue 31): the stronger operator
+        from selfprune.models.packaged import assemble
+
+        gguf, name = assemble(args.llm_model), args.llm_model
+    server, stop = serve_gguf(gguf, args.threads)
     rows = []
     try:
         for target in [float(t) for t in args.targets.split(",")]:
             for version in args.versions.split(","):
-                backend = OpenAICompatibleBackend("smollm2", base_url=server.base_url,
-                                                  api_key_env="SELFPRUNE_BENCH_KEY", timeout=600)
+                backend = OpenAICompatibleBackend(name, base_url=server.base_url,
+                                                  api_key_env="SELFPRUNE_BENCH_KEY", timeout=900)
+                if args.format != "auto":
+                    backend.start_at_format(args.format)
                 space = SearchSpace([1] * 30, target, (0.0, 0.8))  # SmolLM2: 30 decoder layers of one size
                 run = Path(tempfile.mkdtemp()) / f"{version}-t{target:g}"
                 operator = LLMOperator(backend, space, log_dir=run / "llm", n_crossover=args.offspring // 2,
@@ -97,6 +105,7 @@ def usable_rates(args) -> None:
                     budget=args.budget, population=args.population, seed=args.seed), progress=False).run()
                 row = usable_row(read_jsonl(run / "llm" / "calls.jsonl"), target, version, args.retries)
                 row.update(format_mode=backend.format_mode, evaluations=summary["evaluations"], complete=True,
+                           llm_model=name,
                            counts=summary["llm"], sources=summary.get("sources"))
                 rows.append(row)
                 print({k: v for k, v in row.items() if k not in ("counts", "reasons")}, flush=True)
@@ -164,7 +173,10 @@ def usable_table(rows: list[dict], args: dict) -> str:
     def pct(a, b):
         return f"{a}/{b} ({100 * a / b:.0f}%)" if b else "-"
 
-    lines = ["# Usable LLM replies: prompts v2 (before) vs v3 (after), SmolLM2-135M-Instruct (Q4_1) on llama.cpp", "",
+    models = sorted({r.get("llm_model", "smollm2") for r in rows})
+    title = ("prompts v2 (before) vs v3 (after), SmolLM2-135M-Instruct (Q4_1)" if models == ["smollm2"] else
+             f"operator {', '.join(models)} (schema enforced by grammar, or text: none sent)")
+    lines = [f"# Usable LLM replies: {title} on llama.cpp", "",
              f"Each row: one short search driven by the real LLM operator against llama-cpp-python's server "
              f"({args['threads']} thread{'s' if args['threads'] != 1 else ''}), population {args['population']}, {args['offspring']} children per "
              f"generation, budget {args['budget']} evaluations, {args['retries']} retries per slot, temperature 0.7, "
@@ -175,12 +187,13 @@ def usable_table(rows: list[dict], args: dict) -> str:
              "the backend sends to this server as an enum (its grammar ignores minimum/maximum). Usable = valid or "
              "repaired (the repair step still moves the mean onto the target); a duplicate is a usable reply that "
              "repeats an evaluated candidate and is retried.", "",
-             "| target | prompts | evaluations | rate replies usable | first attempts usable | duplicates | "
-             "slots filled by the numeric fallback | parent picks usable (valid) | s/call |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| target | operator | JSON asked as | prompts | evaluations | rate replies usable | first attempts usable | "
+             "duplicates | slots filled by the numeric fallback | parent picks usable (valid) | s/call |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         stopped = "" if r.get("complete", True) else " (stopped early)"
-        lines.append(f"| {r['target']:g} | {r['prompt_version']} | {r.get('evaluations', '?')}{stopped} | "
+        lines.append(f"| {r['target']:g} | {r.get('llm_model', 'smollm2')} | {r.get('format_mode', '?')} | "
+                     f"{r['prompt_version']} | {r.get('evaluations', '?')}{stopped} | "
                      f"{pct(r['rate_calls_usable'], r['rate_calls'])} | "
                      f"{pct(r['rate_first_attempts_usable'], r['rate_first_attempts'])} | {r['rate_calls_duplicate']} | "
                      f"{pct(r['fallbacks'], r['slots'])} | {pct(r['select_usable'], r['select_calls'])} "
@@ -203,6 +216,10 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="llm_usable", help="name of the --usable result files")
+    parser.add_argument("--llm-model", default="self", choices=("self", "qwen2.5-0.5b", "qwen2.5-1.5b"),
+                        help="--usable: the served operator (self: SmolLM2's own GGUF)")
+    parser.add_argument("--format", default="auto", choices=("auto", "text"),
+                        help="--usable: text sends no JSON schema (no grammar), to measure what enforcing it costs")
     parser.add_argument("--combine", default=None, help="comma-separated --usable result names to merge into --results")
     parser.add_argument("--count-run", default=None,
                         help="a --usable search folder (e.g. one stopped early): count its calls into --results")

@@ -108,3 +108,24 @@ def test_the_api_refuses_what_the_cli_refuses(run):
         main(["search", "--model", config["model"], "--target", "0.2", "--operator", "uniform",
               "--fitness-windows", "0", "--out", str(run.parent / "cli-run")])
     assert exited.value.code == 2 and not (run.parent / "cli-run").exists()
+
+
+def test_a_torn_journal_is_counted_alike_by_report_and_resume(tmp_path, data_dir):
+    """A journal torn inside its last record: the report counts the finished evaluations before it, the resume
+    keeps exactly those (their records unchanged) and evaluates the rest of the budget."""
+    model = save_tiny_model(tmp_path / "tiny")
+    run = tmp_path / "run"
+    common = ["--fitness-windows", "1", "--seq-len", "16", "--calib-samples", "2", "--calib-seq-len", "16",
+              "--data-dir", str(data_dir), "--no-progress", "--no-save-model"]
+    assert main(["search", "--model", str(model), "--target", "0.3", "--operator", "random", "--budget", "4",
+                 "--out", str(run), *common]) == 0
+    lines = (run / "journal.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4
+    (run / "journal.jsonl").write_bytes(b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    (run / "summary.json").unlink()   # the run was killed before it finished
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert "3 of budget 4" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["search", "--resume", str(run), "--no-progress", "--no-save-model"]) == 0
+    resumed = (run / "journal.jsonl").read_bytes().splitlines(keepends=True)
+    assert resumed[:3] == lines[:3] and len(resumed) == 4
+    assert json.loads((run / "summary.json").read_text())["evaluations"] == 4

@@ -125,3 +125,15 @@ def test_a_data_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, err = _cli(["ppl", "--model", str(model), "--data-dir", str(tmp_path / "file"), "--max-windows", "1"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "is a file, not a folder" in err, err
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "device", "empty", "comments only"])
+def test_a_tensor_types_file_that_is_not_one(case, paths, tmp_path, capsys):
+    model = save_tiny_model(tmp_path / "m")
+    (tmp_path / "comments.txt").write_text("# nothing but a comment\n\n")
+    path, phrase = paths.get(case, (tmp_path / "comments.txt", "holds no pattern=type line"))
+    out = tmp_path / "o.gguf"
+    code, err = _cli(["export", "--model", str(model), "--outtype", "q4_0", "--tensor-types", str(path),
+                      "--out", str(out)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and phrase in err and "tensor types file" in err, err
+    assert not out.exists()

@@ -109,8 +109,17 @@ def parse_tensor_types(spec: str | None) -> list[TypeOverride]:
     if not spec:
         return []
     path = Path(spec).expanduser()
-    if path.is_file():
-        lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    if path.exists():
+        from ..io import expect_file
+
+        expect_file(path, "tensor types file", "give a file of pattern=type lines (e.g. ffn_down=q6_k)")
+        try:
+            lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise SelfpruneError(f"tensor types file {path} is not text: give a file of pattern=type lines") from None
+        if not any(lines):
+            raise SelfpruneError(f"tensor types file {path} holds no pattern=type line: add one per line "
+                                 "(e.g. ffn_down=q6_k)")
         source = str(path)
     elif "=" not in spec and (path.suffix or "/" in spec):
         raise SelfpruneError(f"tensor types file {spec} does not exist: give a file of pattern=type lines, or "

@@ -186,6 +186,13 @@ class OpenAICompatibleBackend:
         """How this backend currently asks for JSON (see ``FORMAT_MODES``)."""
         return self._modes[self._mode_index]
 
+    def start_at_format(self, mode: str) -> None:
+        """Ask for JSON in ``mode`` first (``text``: no schema sent, no grammar: what constrained decoding costs
+        is measured against it); a server that rejects it still moves on to the next mode."""
+        if mode not in self._modes:
+            raise SelfpruneError(f"unknown JSON format mode {mode!r}: use one of {', '.join(self._modes)}")
+        self._mode_index = self._modes.index(mode)
+
     def check(self, timeout: float = PREFLIGHT_TIMEOUT) -> dict:
         """Preflight, before anything expensive: the server answers ``GET /models`` within ``timeout`` seconds
         as an OpenAI-compatible API, and serves ``self.model``.
