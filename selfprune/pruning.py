@@ -7,6 +7,7 @@ the dense model, so a search can build hundreds of candidates for the cost of sl
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +23,8 @@ from .errors import SelfpruneError
 from .offload import is_dispatched, onloaded, standalone_copy, strip_dispatch
 from .reconstruction import (DEFAULT_RECONSTRUCTION, DEFAULT_RIDGE, CalibrationStream, GramCache, LayerMoments,
                              check_reconstruction, refit_projection)
+
+log = logging.getLogger(__name__)
 
 #: The GQA policy that lost less perplexity on SmolLM2-135M (bench/results/core.md): remove whole KV groups.
 DEFAULT_GQA_POLICY = "group"
@@ -157,6 +160,26 @@ def _versions() -> dict:
     return {"selfprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+#: Calibration tokens per input column of the widest refit projection below which the least-squares refit is
+#: known to overfit: Qwen2.5-0.5B (down_proj 4,864 wide) refit on 32 x 128 tokens (0.84 per column) reached
+#: perplexity 1,793 where FLAP's bias alone gave 413 (30%, 8 windows); SmolLM2 on 128 x 128 (10.7 per column) gains.
+MIN_REFIT_TOKENS_PER_COLUMN = 2
+
+
+def warn_few_refit_tokens(tokens: int, adapter) -> bool:
+    """Warn (and return True) when the calibration is too short for the refit's widest projection."""
+    width = max(adapter.intermediate_size, adapter.num_heads * adapter.head_dim)
+    if tokens >= MIN_REFIT_TOKENS_PER_COLUMN * width:
+        return False
+    import math
+
+    samples = math.ceil(MIN_REFIT_TOKENS_PER_COLUMN * width / max(1, tokens))
+    log.warning("the least-squares refit fits up to %d input columns from %d calibration tokens (fewer than %d per "
+                "column): it may overfit the calibration text; use %dx the calibration samples (--calib-samples) "
+                "or a larger --ridge", width, tokens, MIN_REFIT_TOKENS_PER_COLUMN, samples)
+    return True
+
+
 class Pruner:
     """Calibrate and score a dense model once; build pruned models for any per-layer rates.
 
@@ -203,6 +226,8 @@ class Pruner:
                 raise SelfpruneError(f"criterion {criterion} needs calibration data: pass the tokenizer")
             self.calibration = calibrate(model, tokenizer, self.adapter, calibration or CalibrationConfig(), progress)
         self.geometries = [self._geometry(layer) for layer in self.adapter.layers()]
+        if self.reconstruct == "lstsq" and self.calibration is not None:
+            warn_few_refit_tokens(self.calibration.tokens, self.adapter)
         if scores is not None:   # computed by another process (see ``state``): never scored twice
             if len(scores) != self.num_layers:
                 raise SelfpruneError(f"{len(scores)} layer scores for a model of {self.num_layers} layers: the "

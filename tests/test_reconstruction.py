@@ -552,3 +552,28 @@ def test_search_with_refit_records_it_and_resumes_with_it(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reconstruction"]["method"] == "lstsq" and summary["reconstruction"]["ridge"] == 0.01
     assert summary["evaluations"] == 4 and "refit_seconds_per_eval" in summary
+
+
+def test_a_refit_on_too_few_calibration_tokens_is_warned(caplog):
+    """Fewer than two calibration tokens per column of the widest refit projection: a warning naming the
+    fix (more --calib-samples or a larger --ridge); enough tokens: none."""
+    import logging
+
+    from conftest import byte_tokenizer, tiny_model
+
+    from selfprune.calibration import CalibrationConfig
+    from selfprune.pruning import Pruner
+
+    tokenizer = byte_tokenizer()
+    model = tiny_model("llama-gqa", vocab_size=len(tokenizer), intermediate_size=256)
+    with caplog.at_level(logging.WARNING, logger="selfprune.pruning"):
+        Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=4, seq_len=32), reconstruct="lstsq",
+               progress=False)
+    assert "fits up to 256 input columns from 128 calibration tokens" in caplog.text
+    assert "--calib-samples" in caplog.text and "--ridge" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="selfprune.pruning"):
+        Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=16, seq_len=32), reconstruct="lstsq",
+               progress=False)
+        Pruner(model, tokenizer, "flap", CalibrationConfig(num_samples=4, seq_len=32), progress=False)   # no refit
+    assert "overfit" not in caplog.text
