@@ -196,7 +196,9 @@ def padding(model) -> dict | None:
     return padded_writer(model.config.model_type).padding_cost(model, 32)
 
 
-def run_quality(models: list[str] | None) -> None:
+def run_quality(models: list[str] | None, only_presets: list[str] | None = None) -> None:
+    """Rows for ``models`` (all by default) at their presets, or only at ``only_presets`` (the order of a session
+    short of time: the rows that decide the front first)."""
     plan = model_plan()
     frontier = Frontier(BASE_MODEL)
     for name in models or list(plan):   # in the order given
@@ -206,10 +208,10 @@ def run_quality(models: list[str] | None) -> None:
                 if r.get("kind") != "speed" and r["settings"]["ppl"]["windows"] == windows}
         if name == "dense":
             presets = DENSE_PRESETS if BASE_MODEL == "default" else GEMMA_DENSE_PRESETS
-            frontier.quality(name, spec, presets, (False, True), done)
         else:
             presets = PRUNED_PRESETS if BASE_MODEL == "default" else GEMMA_PRUNED_PRESETS
-            frontier.quality(name, spec, presets, (True,), done)
+        presets = [p for p in presets if not only_presets or p in only_presets]
+        frontier.quality(name, spec, presets, (False, True) if name == "dense" else (True,), done)
 
 
 def run_speed(presets=("q4_k_m",)) -> None:
@@ -395,13 +397,15 @@ def main() -> None:
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads for quantizing and perplexity")
     parser.add_argument("--models", default=None, help="comma list of model names (dense, uniform-0.2, searched-0.5)")
+    parser.add_argument("--presets", default=None, help="comma list: only these presets (of each model's own)")
     parser.add_argument("--base-model", default="default", choices=("default", GEMMA),
                         help="the model the rows are made from")
     args = parser.parse_args()
     global THREADS, BASE_MODEL
     THREADS, BASE_MODEL = args.threads, args.base_model
     if args.quality:
-        run_quality(args.models.split(",") if args.models else None)
+        run_quality(args.models.split(",") if args.models else None,
+                    args.presets.split(",") if args.presets else None)
     if args.speed:
         run_speed(tuple(args.speed_presets.split(",")))
     if args.render or args.quality or args.speed:

