@@ -319,14 +319,14 @@ def model_section(base_model: str) -> tuple[list[str], dict]:
                              f"{pre['dense']['tokens_per_s']:.0f} | {pre['time_ratio']:.3f} | {pre['ideal_ratio']:.3f} | "
                              f"{dec['pruned']['tokens_per_s']:.1f} | {dec['dense']['tokens_per_s']:.1f} | "
                              f"{dec['time_ratio']:.3f} | {dec['ideal_ratio']:.3f} | {r['load_average_before'][0]:.1f} |")
-    lines += ["", "### Findings", ""] + findings(rows, front, front_decoder)
+    lines += ["", "### Findings", ""] + findings(rows, front, front_decoder, windows)
     suffix = "" if base_model == "default" else f"_{base_model}"
     plot(rows, front, front_decoder, title, RESULTS / f"frontier{suffix}.png")
     lines += ["", f"Plot: `frontier{suffix}.png`."]
     return lines, {"rows": rows, "speed": speed, "front": sorted(front), "front_decoder": sorted(front_decoder)}
 
 
-def findings(rows, front, front_decoder) -> list[str]:
+def findings(rows, front, front_decoder, windows: int = WINDOWS) -> list[str]:
     """Where pruning is on the front and where it is not, from the rows."""
     out = []
     dense = [r for r in rows if r["model"] == "dense"]
@@ -340,7 +340,7 @@ def findings(rows, front, front_decoder) -> list[str]:
             continue
         listed = ", ".join(f"{r['model']} {r['preset']} ({r[key]:.1f} MiB, {r['ppl']:.1f})" for r in pruned)
         above = [r for r in pruned if smallest and r[key] >= smallest[key]]
-        text = (f"- By {label}: pruned rows on the front: {listed}. The smallest dense file is {smallest['preset']} "
+        text = (f"- By {label}: pruned rows on the front: {listed}. The smallest dense file measured is {smallest['preset']} "
                 f"({smallest[key]:.1f} MiB, {smallest['ppl']:.1f}): pruning extends the front below the sizes "
                 "llama.cpp's presets reach")
         gaps = []
@@ -355,7 +355,7 @@ def findings(rows, front, front_decoder) -> list[str]:
     searched = any(r["model"].startswith("searched") for r in rows)
     out.append("- One calibration sample (C4, seed 0) for every importance matrix and refit; "
                + ("one search seed per searched allocation; " if searched else "")
-               + "perplexities from one pass over the same 80 windows.")
+               + f"perplexities from one pass over the same {windows} windows.")
     return out
 
 
