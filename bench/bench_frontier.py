@@ -81,7 +81,8 @@ def model_plan() -> dict[str, dict]:
         plan["owl-0.2"] = {"rates": "owl", "target": 0.2, "criterion": "flap",
                            "method": f"OWL allocation (M {OWL_M:g}, lambda {OWL_LAMBDA:g}) FLAP + lstsq refit"}
         return plan
-    pinned = {r["model"]: r for r in load_rows(BASE_MODEL) if r["model"].startswith("searched")}
+    pinned = {r["model"]: r for r in load_rows(BASE_MODEL)
+              if r["model"].startswith("searched") and r.get("kind") != "speed" and "rates" in r}
     for rate in SEARCHED_RATES:
         name = f"searched-{rate:g}"
         if name in pinned:
