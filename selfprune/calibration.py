@@ -46,7 +46,7 @@ class CalibrationConfig:
         document")."""
         import os
 
-        from .errors import SelfpruneError, check_whole, is_real, option
+        from .errors import SelfpruneError, check_whole, is_whole, option
 
         for name, flag in (("source", "--calib-dataset"), ("split", "--calib-split")):
             value = getattr(self, name)
@@ -59,7 +59,7 @@ class CalibrationConfig:
                                      f"{option(name, flag)} {value!r} must be a split name: validation or test")
         self.num_samples = check_whole(option("num_samples", "--calib-samples"), self.num_samples, example=128)
         self.seq_len = check_whole(option("seq_len", "--calib-seq-len"), self.seq_len, example=128)
-        if not is_real(self.seed) or self.seed != self.seed or abs(self.seed) == float("inf") or self.seed != int(self.seed):
+        if not is_whole(self.seed):
             raise SelfpruneError(f"{option('seed', '--calib-seed')} {self.seed!r} must be a whole number: e.g. 0")
         self.seed = int(self.seed)
         self.batch_size = check_whole(option("batch_size"), self.batch_size, example=8)

@@ -100,7 +100,7 @@ def check_config(folder: str | Path) -> dict:
     """The folder's config.json as a dict, or one error naming the file and the key that is wrong: not JSON, not
     an object, a required key missing, a count that is not a positive whole number (a string, a list, zero,
     negative), a width the head count does not divide, key-value heads that do not divide the query heads."""
-    from .errors import is_real
+    from .errors import is_real, is_whole
 
     file = Path(folder) / "config.json"
     try:
@@ -128,7 +128,7 @@ def check_config(folder: str | Path) -> dict:
                 raise _bad_config(file, f"{key} is missing")
             continue
         value = text[key]
-        if not is_real(value) or value != int(value) or value < 1:
+        if not is_whole(value, 1):
             raise _bad_config(file, f"{key} is {value!r}, not a positive whole number")
     for key in OPTIONAL_REAL:
         value = text.get(key)

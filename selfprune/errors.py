@@ -33,11 +33,17 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
 
 
-def check_whole(label: str, value, low: int = 1, example: int = 128) -> int:
-    """``value`` as a whole number >= ``low``, or a SelfpruneError naming the setting (``label``: ``option(...)``)."""
+def is_whole(value, low: int | None = None) -> bool:
+    """A finite real number with no fraction (``4``, ``4.0``, ``np.int64(4)``), at least ``low`` when given."""
     import math
 
-    if not is_real(value) or not math.isfinite(value) or value != int(value) or int(value) < low:
+    return (is_real(value) and math.isfinite(value) and value == int(value)
+            and (low is None or int(value) >= low))
+
+
+def check_whole(label: str, value, low: int = 1, example: int = 128) -> int:
+    """``value`` as a whole number >= ``low``, or a SelfpruneError naming the setting (``label``: ``option(...)``)."""
+    if not is_whole(value, low):
         what = "a positive whole number" if low == 1 else f"a whole number >= {low}"
         raise SelfpruneError(f"{label} {value!r} must be {what}: e.g. {example}")
     return int(value)

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import SelfpruneError
 from .quantize import dequantize_tensor, quantize_tensor
-from .sizing import FLOAT_TYPES, fits_rows
+from .sizing import fits_rows
 
 
 def gguf_weights(model, ffn_multiple: int) -> list[tuple[str, torch.nn.Parameter, int]]:
@@ -76,7 +76,7 @@ def quantize_weights_in_place(model, types: dict[str, str], importance: dict[str
         if name not in types:
             raise SelfpruneError(f"no type given for {name}: give every matrix a type (sizing.plan_types)")
         type_name = types[name].lower()
-        if type_name not in FLOAT_TYPES and not fits_rows(type_name, written):
+        if not fits_rows(type_name, written):   # float types hold any row (blocks of one value)
             raise SelfpruneError(f"{name}: rows of {written} values cannot be stored as {type_name}; llama.cpp would "
                                  "fall back to another type (plan the types with sizing.plan_types)")
         entry = None if importance is None else importance.get(name)

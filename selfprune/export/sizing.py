@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SelfpruneError
-from .quantize import TypeOverride, ggml_library, ggml_type, row_bytes
+from .quantize import TypeOverride, ggml_library, ggml_type, tensor_bytes
 
 #: llama.cpp's fallback when a row length is not a multiple of the type's block (then F16 if that fails too).
 FALLBACK = {"iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
             "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl", "q2_k": "q4_0", "q3_k": "q4_0",
             "tq1_0": "q4_0", "tq2_0": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-FLOAT_TYPES = ("f32", "f16", "bf16")
 
 
 def block_size(type_name: str) -> int:
@@ -58,19 +57,10 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        if self.type == "f32":
-            return 4 * _prod(self.shape)
-        size = row_bytes(self.type, self.shape[-1]) * _prod(self.shape[:-1])
+        size = tensor_bytes(self.type, self.shape)
         if not size:
             raise SelfpruneError(f"{self.name}: rows of {self.shape[-1]} values cannot be stored as {self.type}")
         return size
-
-
-def _prod(values) -> int:
-    out = 1
-    for value in values:
-        out *= int(value)
-    return out
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import SelfpruneError, is_real
+from ..errors import SelfpruneError, is_real, is_whole
 
 CANDIDATE_KINDS = ("sliced", "masked")
 
@@ -20,8 +20,9 @@ class _Refused(Exception):
 
 
 def _whole(key, value, low=1):
-    if not is_real(value) or not math.isfinite(value) or value != int(value) or value < low:
-        raise _Refused(key, value, "a positive whole number" if low == 1 else f"a whole number >= {low}")
+    if not is_whole(value, low):
+        must = {1: "a positive whole number", None: "a whole number"}.get(low, f"a whole number >= {low}")
+        raise _Refused(key, value, must)
 
 
 def _real(key, value, low=None, high=None, low_open=False, high_open=False):
@@ -83,7 +84,7 @@ def _rules(config: dict) -> None:
         _whole(key, config.get(key))
     for key in ("crossovers", "mutations"):
         _whole(key, config.get(key), low=0)
-    _whole("seed", config.get("seed"), low=-(2 ** 63))
+    _whole("seed", config.get("seed"), low=None)
     seeds = config.get("seed_population")
     if not isinstance(seeds, list):
         raise _Refused("seed_population", seeds, "a list")
@@ -123,7 +124,7 @@ def _rules(config: dict) -> None:
     _text("calibration.split", calibration.get("split"))
     for key in ("num_samples", "seq_len"):
         _whole(f"calibration.{key}", calibration.get(key))
-    _whole("calibration.seed", calibration.get("seed"), low=-(2 ** 63))
+    _whole("calibration.seed", calibration.get("seed"), low=None)
     if config.get("data_dir") is not None:
         _text("data_dir", config["data_dir"])
     reconstruction = config.get("reconstruction")
@@ -137,11 +138,10 @@ def _rules(config: dict) -> None:
             _whole(key, config[key], low=low)
     if "candidates" in config:
         _choice("candidates", config["candidates"], CANDIDATE_KINDS)
-    for key, section in (("rescore", ("top", "windows")),):
-        if config.get(key) is not None:
-            values = _section(config, key)
-            _whole(f"{key}.top", values.get("top"), low=0)
-            _whole(f"{key}.windows", values.get("windows"))
+    if config.get("rescore") is not None:
+        rescore = _section(config, "rescore")
+        _whole("rescore.top", rescore.get("top"), low=0)
+        _whole("rescore.windows", rescore.get("windows"))
     if config.get("recover") is not None:
         _whole("recover.tokens", _section(config, "recover").get("tokens"), low=0)
 

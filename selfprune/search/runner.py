@@ -100,13 +100,13 @@ class RunSettings:
     population_note: str | None = None  # why the population differs from the one asked for (summary)
 
     def __post_init__(self):
-        from ..errors import check_whole, is_real, option
+        from ..errors import check_whole, is_whole, option
 
         self.budget = check_whole(option("budget"), self.budget, example=100)
         self.population = check_whole(option("population"), self.population, example=30)
         self.max_stale_iterations = check_whole(option("max_stale_iterations"), self.max_stale_iterations, example=3)
         self.rescore_top = check_whole(option("rescore_top"), self.rescore_top, low=0, example=5)
-        if not is_real(self.seed) or self.seed != int(self.seed):
+        if not is_whole(self.seed):
             raise SelfpruneError(f"{option('seed')} {self.seed!r} must be a whole number: e.g. 0")
         self.seed = int(self.seed)
 
